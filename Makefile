@@ -1,0 +1,60 @@
+# dsv3 — `make help` lists the targets. Every target sets itself up (.venv) first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+export PYTHONUNBUFFERED := 1
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
+
+CONFIG ?= configs/pretrain_small.yaml
+CKPT ?=
+LIMIT ?=
+
+.PHONY: help install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install torch (CPU) + dsv3 with dev extras
+
+test: $(STAMP) ## run the whole test suite (does its own set-up)
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-fast: $(STAMP) ## the suite without slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+data: $(STAMP) ## curate the built-in corpus with DVC (dvc repro) and validate it
+	$(BIN)/python -m flows.data
+
+pretrain: $(STAMP) ## data -> pretrain (small preset) -> context extension, tracked in MLflow
+	$(BIN)/python -m flows.pretrain --config $(CONFIG)
+
+eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data
+	$(BIN)/python -m dsv3.evals.offline_data
+
+eval: $(STAMP) ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
+	$(BIN)/python -m flows.evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(LIMIT),--limit $(LIMIT))
+
+posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
+	$(BIN)/python -m flows.posttrain
+
+bench: $(STAMP) ## run the benchmark scripts (print figures)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+mlflow-ui: $(STAMP) ## open the MLflow UI on the local store
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
+
+prefect-ui: $(STAMP) ## start a local Prefect server with its UI
+	$(BIN)/prefect server start
+
+clean: ## remove caches (keeps .venv, data and runs)
+	rm -rf .pytest_cache **/__pycache__
