@@ -173,12 +173,14 @@ def log_dataset_input(digest: str, name: str, source: str, context: str = "train
     """Record the dataset (e.g. DVC-tracked shards, `digest` = DVC md5) as a run input."""
     if mlflow.active_run() is None:
         return
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    src = (HTTPDatasetSource(source) if source.startswith(("http://", "https://"))
-           else LocalArtifactDatasetSource(str(Path(source.removeprefix("file://")).resolve())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+        src = resolve_dataset_source(str(Path(source).resolve()) if "://" not in source else source)
     mlflow.log_input(MetaDataset(source=src, name=name, digest=str(digest)[:36]), context=context)
     mlflow.set_tag("dvc_data_digest", digest)
 
