@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,18 @@ class ModelConfig(BaseModel):
     aux_loss_alpha: float = Field(1e-4, ge=0)  # α, sequence-wise balance loss
     bias_update_speed: float = Field(1e-3, ge=0)  # γ, aux-loss-free bias update
     mtp_loss_weight: float = Field(0.3, ge=0)  # λ
+
+    @field_validator("rope_scaling", mode="before")
+    @classmethod
+    def _canonical_rope_scaling(cls, v: Any) -> Any:
+        """One spelling: {"type": "yarn", ...}; `rope_type` (HF >= 4.45) is folded into `type`."""
+        if isinstance(v, dict):
+            v = dict(v)
+            kind = v.pop("rope_type", None)
+            v.setdefault("type", kind)
+            if v["type"] in (None, "default"):
+                return None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -174,6 +186,9 @@ class ModelConfig(BaseModel):
                 d.setdefault("rope_theta", rp.pop("rope_theta"))
             if rp.get("rope_type", rp.get("type")) == "yarn":
                 d.setdefault("rope_scaling", rp)
+        d.pop("num_key_value_heads", None)  # MLA: always the head count (HF defaults it to 128)
+        if "num_mtp_layers" in d:
+            d.setdefault("num_nextn_predict_layers", d.pop("num_mtp_layers"))
         if d.get("q_lora_rank") is None and "q_lora_rank" in d:
             d["q_lora_rank"] = 0
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -211,8 +226,7 @@ class ModelConfig(BaseModel):
         d["ep_size"] = 1
         if self.rope_scaling:
             rs = dict(self.rope_scaling)
-            rs.setdefault("type", "yarn")
-            rs.setdefault("rope_type", rs["type"])
+            rs["rope_type"] = rs["type"]
             d["rope_scaling"] = rs
         return d
 
@@ -276,7 +290,7 @@ _HF_IGNORED = {
     "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "id2label",
     "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "finetuning_task", "head_dim",
-    "mlp_bias", "rope_type", "layer_types", "use_cache", "name_or_path", "max_length",
+    "mlp_bias", "rope_type", "layer_types", "name_or_path", "max_length", "qk_head_dim",
 }
 
 

@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention (paper §2.1.1, eq. 1-11).
+
+Design choices
+- Queries: low-rank compression `q_a_proj -> q_a_layernorm -> q_b_proj` (q_lora_rank > 0)
+  or a plain `q_proj` (q_lora_rank = 0, V2-Lite). Keys/values: one joint down-projection
+  `kv_a_proj_with_mqa` to the latent c_KV (kv_lora_rank) plus the decoupled RoPE key
+  k_R (qk_rope_head_dim), which is shared by all heads (eq. 3).
+- Training path: up-project c_KV with `kv_b_proj` to per-head k_nope and v, attend with
+  PyTorch SDPA (flash kernel on CPU/GPU where shapes allow).
+- Inference path ("absorption", §2.1.1 last paragraph): W_UK is folded into the query and
+  W_UV into the output, so the cache holds only the *normalised* latent c_KV and the
+  rotated k_R per token and layer: (kv_lora_rank + qk_rope_head_dim) numbers, e.g. 576 for
+  V3 instead of 2·128·128 for plain MHA. Both paths agree to fp32 rounding.
+- Softmax scale 1/sqrt(qk_nope + qk_rope), times YaRN mscale² when scaling is on (§4.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model.config import ModelConfig
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = H, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        bias = cfg.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.scale = softmax_scale(cfg)
+        self.recompute = False  # recompute the norms / up-projections in backward (train flag)
+
+    def _project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, S, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, rope)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B,S,r]
+        k_pe = apply_rope(k_pe.unsqueeze(2), rope)  # [B,S,1,rope]
+        return q_nope, q_pe, c_kv, k_pe
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x [B,S,D]; rope=(cos,sin) for the S positions; mask: bool [B,1,S,T] (True = attend)
+        or None (plain causal). With `cache` (a `LayerCache`), run the absorbed path."""
+        if cache is not None:
+            return self._forward_absorbed(x, rope, mask, cache)
+        B, S, _ = x.shape
+        if self.recompute and self.training and torch.is_grad_enabled():
+            q_nope, q_pe, c_kv, k_pe = torch.utils.checkpoint.checkpoint(
+                self._project, x, rope, use_reentrant=False)
+        else:
+            q_nope, q_pe, c_kv, k_pe = self._project(x, rope)
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,S,dqk]
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B,H,S,dv]
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
+
+    def _forward_absorbed(self, x, rope, mask, cache) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        q_nope, q_pe, c_kv, k_pe = self._project(x, rope)
+        start = cache.start
+        end = start + S
+        cache.latent[:B, start:end] = c_kv.to(cache.latent.dtype)
+        cache.pe[:B, start:end] = k_pe.squeeze(2).to(cache.pe.dtype)
+        latent, pe = cache.latent[:B, :end], cache.pe[:B, :end]  # [B,T,r], [B,T,rope]
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H,nope,r], [H,v,r]
+        q_abs = torch.einsum("bshd,hdr->bshr", q_nope, w_uk.to(q_nope.dtype))
+        scores = torch.bmm(q_abs.reshape(B, S * H, r), latent.transpose(1, 2).to(q_abs.dtype))
+        scores = scores + torch.bmm(q_pe.reshape(B, S * H, self.rope_dim), pe.transpose(1, 2).to(q_pe.dtype))
+        scores = scores.view(B, S, H, end) * self.scale
+        if mask is not None:  # [B,1,S,T] -> [B,S,1,T]
+            scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(x.dtype)
+        o = torch.bmm(probs.view(B, S * H, end), latent.to(x.dtype)).view(B, S, H, r)
+        o = torch.einsum("bshr,hvr->bshv", o, w_uv.to(o.dtype))
+        return self.o_proj(o.reshape(B, S, H * self.v_dim))
