@@ -103,11 +103,13 @@ def _tracking_cfg(cfg: Any) -> tuple[str | None, str, str | None]:
 @contextlib.contextmanager
 def start_run(cfg_or_params: Any = None, stage: str = "run", run_name: str | None = None,
               parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
-              system_metrics: bool = False, experiment: str | None = None) -> Iterator[Any]:
+              system_metrics: bool = False, experiment: str | None = None,
+              run_id: str | None = None) -> Iterator[Any]:
     """Start (and end) an MLflow run for one stage; yields the `mlflow.ActiveRun`.
 
     `cfg_or_params`: a RunConfig (tracking section honoured, `flatten()` logged) or a dict.
     Nested runs: pass `parent_run_id`; an already active run is also accepted as parent.
+    `run_id`: continue that run (a resumed training stage) when it exists in the store.
     """
     uri, exp_name, art = _tracking_cfg(cfg_or_params)
     setup(uri, experiment or exp_name, art)
@@ -119,9 +121,14 @@ def start_run(cfg_or_params: Any = None, stage: str = "run", run_name: str | Non
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         all_tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
     all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+    if run_id is not None:
+        try:
+            MlflowClient(tracking_uri(uri)).get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # another store: start a new run
     nested = parent_run_id is not None or mlflow.active_run() is not None
-    with mlflow.start_run(run_name=run_name or stage, nested=nested, parent_run_id=parent_run_id,
-                          tags=all_tags, log_system_metrics=system_metrics) as run:
+    kw = {"run_id": run_id} if run_id else {"run_name": run_name or stage, "parent_run_id": parent_run_id}
+    with mlflow.start_run(nested=nested, tags=all_tags, log_system_metrics=system_metrics, **kw) as run:
         params = _params_of(cfg_or_params)
         if params:
             log_params(params)
@@ -138,7 +145,12 @@ def log_params(params: dict[str, Any]) -> None:
         return
     items = [(k, "None" if v is None else str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i:i + 100]))
+        try:
+            mlflow.log_params(dict(items[i:i + 100]))
+        except mlflow.exceptions.MlflowException:  # a resumed run with a changed value: keep the first
+            for k, v in items[i:i + 100]:
+                with contextlib.suppress(mlflow.exceptions.MlflowException):
+                    mlflow.log_param(k, v)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -1,0 +1,182 @@
+"""Atomic, checksummed, rotating training checkpoints (issue 4 point 4).
+
+Layout of `<out_dir>/checkpoints/step_00000123/`:
+    model/               HF format (config.json + safetensors via `model.save_pretrained`)
+                         plus the tokenizer files: what every later stage consumes
+    optimizer.pt         `optimizer.state_dict()` (tensors + numbers: loads with weights_only=True)
+    ema.safetensors      CPU EMA of the weights (if enabled)
+    extra.safetensors    RNG state (torch CPU/CUDA) and the routing biases (also in model/)
+    state.json           step, data position, tokens seen, spike-guard state, MLflow run id
+    manifest.json        sha256 of every file above; written last
+
+Design choices
+- Atomic: everything is written into `.tmp-step_...` and the directory is renamed into
+  place (a rename is atomic on POSIX), so a SIGKILL mid-write leaves only a temp dir,
+  which is ignored and swept on the next save. Files are fsync'ed before the rename.
+- Integrity: `latest()` walks checkpoints newest first and verifies the manifest and
+  every checksum; a truncated or corrupt one is skipped with a warning and the
+  previous one is used.
+- Safe loading: safetensors and `torch.load(weights_only=True)` only; no arbitrary
+  unpickling. The scheduler needs no state beyond `step` (schedules are pure functions
+  of the step, see schedule.py); the data loader needs only the sample position.
+- keep-last-K: older complete checkpoints are deleted after a successful save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("dsv3.train")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def copy_tokenizer(tok_dir: str | Path | None, dst: Path) -> None:
+    if not tok_dir:
+        return
+    src = Path(tok_dir)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def routing_biases(model) -> torch.Tensor:
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    if not layers:
+        return torch.zeros(0)
+    return torch.stack([m.gate.e_score_correction_bias.detach().float().cpu() for m in layers])
+
+
+def save(ckpt_root: str | Path, step: int, model, optimizer, state: dict[str, Any], ema=None,
+         tokenizer_dir: str | Path | None = None, keep_last: int = 2) -> Path:
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:08d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    (tmp / "model").mkdir()
+    model.save_pretrained(tmp / "model")
+    copy_tokenizer(tokenizer_dir, tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    extra = {"rng_cpu": torch.get_rng_state(), "routing_biases": routing_biases(model)}
+    if torch.cuda.is_available():
+        extra["rng_cuda"] = torch.cuda.get_rng_state()
+    save_file(extra, tmp / "extra.safetensors")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync_tree(tmp)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(ckpt: str | Path) -> None:
+    d = Path(ckpt)
+    man = d / "manifest.json"
+    if not man.is_file():
+        raise CheckpointError(f"{d}: no manifest.json (incomplete checkpoint)")
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{man}: unreadable ({e})") from None
+    for rel, digest in files.items():
+        p = d / rel
+        if not p.is_file():
+            raise CheckpointError(f"{d}: missing {rel}")
+        if sha256(p) != digest:
+            raise CheckpointError(f"{d}: checksum mismatch in {rel}")
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    root = Path(ckpt_root)
+    return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+
+
+def latest(ckpt_root: str | Path) -> Path | None:
+    """Newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+    for d in list_checkpoints(ckpt_root):
+        try:
+            verify(d)
+            return d
+        except CheckpointError as e:
+            msg = f"skipping corrupt checkpoint: {e}; falling back to the previous one"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+    return None
+
+
+@torch.no_grad()
+def load_model_weights(model, model_dir: str | Path, strict: bool = True) -> None:
+    """Copy the HF-format weights of `model_dir` into `model` (same architecture)."""
+    src = type(model).from_pretrained(model_dir) if hasattr(type(model), "from_pretrained") else None
+    sd = src.state_dict()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("load")]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{model_dir}: weights do not match the model "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load(ckpt: str | Path, model, optimizer=None, ema=None) -> dict[str, Any]:
+    """Restore everything into live objects; returns state.json (step, data position, ...)."""
+    d = Path(ckpt)
+    verify(d)
+    load_model_weights(model, d / "model")
+    extra = load_file(d / "extra.safetensors")
+    if "routing_biases" in extra and extra["routing_biases"].numel():
+        for m, b in zip(model.moe_layers(), extra["routing_biases"]):
+            m.gate.e_score_correction_bias.copy_(b)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if ema is not None and (d / "ema.safetensors").is_file():
+        ema.load_state_dict(load_file(d / "ema.safetensors"))
+    torch.set_rng_state(extra["rng_cpu"])
+    if "rng_cuda" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["rng_cuda"])
+    return json.loads((d / "state.json").read_text())

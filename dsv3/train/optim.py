@@ -1,0 +1,42 @@
+"""AdamW with the paper's settings (§4.2): β1 0.9, β2 0.95, weight decay 0.1.
+
+Design choices
+- Two parameter groups: weight decay on matrices (Linear / Embedding weights, the gate),
+  none on norms, biases and any 1-D parameter (standard practice; the paper states 0.1
+  without listing exclusions, the issue asks for none on norms and biases).
+- FP32 master weights: the optimizer always works on the fp32 parameters; bf16/fp8 only
+  change the GEMMs (§3.3.1). `foreach` is kept (deterministic on CPU).
+- The LR is set per step by the loop from `Schedules.lr` (no torch LR scheduler object:
+  the step index fully determines it, so resume is exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        lname = name.lower()
+        if p.ndim < 2 or "norm" in lname or lname.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
+                             betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
