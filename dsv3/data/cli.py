@@ -114,7 +114,7 @@ def register(subparsers) -> None:
     s.set_defaults(func=_stats)
     v = sub.add_parser("validate", help="Great Expectations suites on DIR/curated and DIR/shards")
     v.add_argument("dir")
-    v.add_argument("--gx-root", default=None, help="GX project dir (default DIR/gx)")
+    v.add_argument("--gx-root", default=None, help="GX project root (default DIR; GX writes DIR/gx/)")
     v.set_defaults(func=_validate)
     st = sub.add_parser("stage", help="one DVC stage (used by dvc.yaml)")
     st.add_argument("name", choices=["curate", "tokenizer", "shards"])

@@ -1,0 +1,153 @@
+"""Great Expectations (v1 API) suites on curated documents and on token shards (§4.1 QA).
+
+`curated_docs` (one row per kept document, both splits): schema (required columns exist),
+non-empty text within the size bound, no remaining PII patterns (private-key blocks, AWS
+key ids, e-mails: `pii.RESIDUAL_PATTERNS`), unique content hashes, quality_score in [0, 1],
+split in {train, val}, kind in {text, code}.
+`token_shards` (one row per document, both splits): every token id below vocab_size,
+each document framed by BOS ... EOS; plus one row per split comparing the token count
+of the .bin file with the index (`n_tokens`, last doc offset).
+A file data context lives under `gx_root` (default OUT/gx) so each run renders Data Docs
+HTML; `validate` returns a Report whose `.text` lists every failed expectation with
+sample values and the Data Docs path; callers exit non-zero when `.success` is False.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsv3.data.config import DataConfig
+from dsv3.data.pii import RESIDUAL_PATTERNS
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+@dataclass
+class Report:
+    success: bool
+    text: str
+    docs_path: str | None = None
+    results: dict = field(default_factory=dict)
+
+
+def _docs_frame(out: Path):
+    import pandas as pd
+
+    rows = []
+    for split in ("train", "val"):
+        p = out / "curated" / f"{split}.jsonl"
+        if p.is_file():
+            with open(p, encoding="utf-8") as f:
+                rows += [json.loads(l) for l in f if l.strip()]
+    cols = ["id", "text", "source", "path", "kind", "hash", "quality_score", "n_bytes", "split"]
+    return pd.DataFrame(rows, columns=sorted(set(cols) | {k for r in rows for k in r}))
+
+
+def _shard_frames(out: Path):
+    import pandas as pd
+
+    from dsv3.data.shards import TokenShards
+
+    idx = json.loads((out / "shards" / "index.json").read_text())
+    docs, totals = [], []
+    for split, e in idx["splits"].items():
+        ts = TokenShards(out / "shards", split)
+        tok = np.asarray(ts.tokens, dtype=np.int64)
+        off = ts.doc_offsets
+        for i in range(len(off) - 1):
+            d = tok[off[i]:off[i + 1]]
+            docs.append({"split": split, "max_id": int(d.max()) if d.size else -1, "min_id": int(d.min()) if d.size else -1,
+                         "first": int(d[0]) if d.size else -1, "last": int(d[-1]) if d.size else -1})
+        totals.append({"split": split, "bin_tokens": int(tok.size), "index_tokens": int(e["n_tokens"]),
+                       "offset_tokens": int(off[-1])})
+    return pd.DataFrame(docs), pd.DataFrame(totals), idx
+
+
+def _suites(cfg: DataConfig, idx: dict | None):
+    import great_expectations.expectations as gxe
+
+    req = ["id", "text", "source", "path", "kind", "hash", "quality_score", "n_bytes", "split"]
+    docs = [gxe.ExpectColumnToExist(column=c) for c in req] + [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnValuesToNotBeNull(column="text"),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1, max_value=cfg.source.max_doc_bytes),
+        gxe.ExpectColumnValuesToBeBetween(column="n_bytes", min_value=1, max_value=cfg.source.max_doc_bytes),
+        gxe.ExpectColumnValuesToBeUnique(column="hash"),
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValuesToBeBetween(column="quality_score", min_value=0.0, max_value=1.0),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val"]),
+        gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=["text", "code"]),
+    ] + [gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=rx, meta={"pii": k})
+         for k, rx in RESIDUAL_PATTERNS.items()]
+    suites = {"curated_docs": docs}
+    if idx is not None:
+        v = int(idx["vocab_size"])
+        suites["token_shards"] = [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="max_id", min_value=0, max_value=v - 1),
+            gxe.ExpectColumnValuesToBeBetween(column="min_id", min_value=0, max_value=v - 1),
+            gxe.ExpectColumnValuesToBeInSet(column="first", value_set=[idx.get("bos_id", 0)]),
+            gxe.ExpectColumnValuesToBeInSet(column="last", value_set=[idx.get("eos_id", 1)]),
+        ]
+        suites["shard_totals"] = [
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="bin_tokens", column_B="index_tokens"),
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="offset_tokens", column_B="index_tokens"),
+        ]
+    return suites
+
+
+def validate(out: str | Path, cfg: DataConfig | None = None, gx_root: str | Path | None = None) -> Report:
+    import great_expectations as gx
+
+    out = Path(out)
+    cfg = cfg or DataConfig()
+    root = Path(gx_root) if gx_root else out  # GX creates ROOT/gx/
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    try:
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    except Exception:  # cosmetic only
+        pass
+    frames = {"curated_docs": _docs_frame(out)}
+    idx = None
+    if (out / "shards" / "index.json").is_file():
+        frames["token_shards"], frames["shard_totals"], idx = _shard_frames(out)
+    ds = ctx.data_sources.add_or_update_pandas("dsv3")
+    lines, ok, results = [], True, {}
+    for name, exps in _suites(cfg, idx).items():
+        asset = next((a for a in ds.assets if a.name == name), None) or ds.add_dataframe_asset(name=name)
+        bd = next((b for b in asset.batch_definitions if b.name == "all"), None) or \
+            asset.add_batch_definition_whole_dataframe("all")
+        suite = gx.ExpectationSuite(name=name)
+        for e in exps:
+            suite.add_expectation(e)
+        suite = ctx.suites.add_or_update(suite)
+        vd = ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=f"{name}_vd", data=bd, suite=suite))
+        cp = ctx.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"{name}_checkpoint", validation_definitions=[vd],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_docs")], result_format="SUMMARY"))
+        res = cp.run(batch_parameters={"dataframe": frames[name]})
+        n_fail = 0
+        for vr in res.run_results.values():
+            for r in vr.results:
+                if not r.success:
+                    n_fail += 1
+                    kw = {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"}
+                    sample = [str(x)[:60] for x in (r.result.get("partial_unexpected_list") or [])[:3]]
+                    lines.append(f"  FAIL {r.expectation_config.type} {kw}: "
+                                 f"{r.result.get('unexpected_count', '?')} unexpected, e.g. {sample}")
+        results[name] = {"success": bool(res.success), "expectations": len(exps), "failed": n_fail}
+        lines.insert(len(lines) - n_fail, f"{'PASS' if res.success else 'FAIL'} suite {name}: "
+                     f"{len(exps) - n_fail}/{len(exps)} expectations met ({len(frames[name])} rows)")
+        ok = ok and bool(res.success)
+    urls = ctx.get_docs_sites_urls()
+    docs = urls[0]["site_url"] if urls else None
+    lines.append(f"Data Docs: {docs}")
+    return Report(ok, "\n".join(lines), docs, results)
