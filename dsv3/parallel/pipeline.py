@@ -1,0 +1,342 @@
+"""DualPipe, DualPipeV and 1F1B pipeline executors on torch.distributed (DeepSeek-V3 report §3.2.1).
+
+Design:
+- One executor (`PipelineSchedule`) runs the per-rank op list from `schedules.build` (F, B, W and the
+  overlapped F&B pair); DualPipe / DualPipeV / OneFOneB only pick the topology and the op list.
+- Zero bubble: the backward of every `nn.Linear` in the stage modules is split (its forward is swapped
+  for `_SplitLinear`, numerically `F.linear`). B runs autograd as usual but, while `WeightGradStore.enabled`,
+  each Linear returns only its input grad and queues the closure `dW += g^T x, db += sum g`; a W op pops
+  one chunk's closures and runs them. Parameters outside Linear layers get their grads in B. The grads
+  are the same sums as autograd's, so they match the sequential reference to rounding (exactly the
+  same math, only `.grad` accumulation order may differ).
+- P2P: `isend`/`irecv` (gloo on CPU, NCCL on GPU) into buffers shaped by `set_p2p_tensor_shapes` /
+  `set_p2p_tensor_dtype`; tags separate activations from gradients and the two directions (gloo matches
+  per tag; for NCCL `schedules.simulate(...)["channels_ok"]` tells whether the order alone suffices).
+  Sends never block; receives of the next op are posted before the current op computes, so transfers
+  overlap compute. DualPipeV's hand-over at the last rank is a local queue, not a message.
+- An F&B pair runs the forward then the backward with both chunks' receives posted ahead and sends
+  issued at once; interleaving the two chunks' compute with their all-to-all (§3.2.2) is the model's
+  job (see `expert.py`), not done here.
+- Every op is timed (F, B, W, FB, and `wait` = blocked on a receive) into `self.timeline`
+  (see `bubble.py`); forward-only steps (under `torch.no_grad`) run the F ops of the same order.
+- `step(*inputs, num_chunks, criterion, labels, return_outputs) -> (loss, outputs)`: the reference
+  interface. DualPipe: the first rank feeds the first half of the batch and computes the loss of the
+  second half (its `labels` belong to the last rank's inputs), the last rank the other way round.
+  DualPipeV / 1F1B: the first rank gets inputs; the loss is on the first (V) / last (1F1B) rank.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections import deque
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsv3.parallel import schedules
+
+
+class WeightGradStore:
+    """Deferred weight-gradient closures: `put` while a zero-bubble B runs, `flush` closes one chunk,
+    `pop` (a W op) runs the oldest chunk's closures."""
+
+    enabled = False
+    cache: list = []
+    queue: deque = deque()
+
+    @classmethod
+    def put(cls, fn: Callable) -> None:
+        cls.cache.append(fn)
+
+    @classmethod
+    def flush(cls) -> None:
+        cls.queue.append(cls.cache)
+        cls.cache = []
+
+    @classmethod
+    def pop(cls) -> None:
+        assert cls.queue, "W op with an empty WeightGradStore"
+        for fn in cls.queue.popleft():
+            fn()
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.enabled, cls.cache = False, []
+        cls.queue.clear()
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
+
+
+class _SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, holder):
+        ctx.save_for_backward(x)
+        ctx.holder = holder
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        lin = ctx.holder
+        gx = g.matmul(lin.weight) if ctx.needs_input_grad[0] else None
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+
+        def wgrad():
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            return (g2.t().matmul(x2) if need_w else None), (g2.sum(0) if need_b else None)
+
+        if WeightGradStore.enabled and (need_w or need_b):
+            def deferred():
+                gw, gb = wgrad()
+                if gw is not None:
+                    _accumulate(lin.weight, gw)
+                if gb is not None:
+                    _accumulate(lin.bias, gb)
+            WeightGradStore.put(deferred)
+            return gx, None, None, None
+        gw, gb = wgrad()
+        return gx, gw, gb, None
+
+
+def _split_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _SplitLinear.apply(x, self.weight, self.bias, self)
+
+
+def split_weight_grads(module: nn.Module) -> nn.Module:
+    """Make every nn.Linear in `module` defer its weight grad while WeightGradStore.enabled."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and not getattr(m, "_dsv3_split", False):
+            m.forward = types.MethodType(_split_linear_forward, m)
+            m._dsv3_split = True
+    return module
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _scatter(tensors, n: int, dim: int) -> list:
+    if not tensors:
+        return [() for _ in range(n)]
+    for t in tensors:
+        if t.shape[dim] % n:
+            raise ValueError(f"batch dim {dim} of size {t.shape[dim]} is not divisible into {n} chunks")
+    parts = [t.chunk(n, dim) for t in tensors]
+    return [tuple(p[i] for p in parts) for i in range(n)]
+
+
+class PipelineSchedule(nn.Module):
+    """Base executor; subclasses set `kind` (a schedules.KINDS name)."""
+
+    kind = "1f1b"
+
+    def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None):
+        super().__init__()
+        modules = tuple(modules) if isinstance(modules, (tuple, list)) else (modules,)
+        self.module = nn.ModuleList(split_weight_grads(m) for m in modules)
+        self.batch_dim = batch_dim
+        self.group = process_group or dist.group.WORLD
+        self.num_ranks = dist.get_world_size(self.group)
+        if self.kind == "dualpipe" and self.num_ranks % 2:
+            raise ValueError(f"DualPipe needs an even number of pipeline ranks, got {self.num_ranks}")
+        mapping = list(rank_mapping) if rank_mapping is not None else list(range(self.num_ranks))
+        if sorted(mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1}, got {mapping}")
+        self.rank = mapping[dist.get_rank(self.group)]
+        inverse = {pp: g for g, pp in enumerate(mapping)}
+        self._global = {pp: dist.get_global_rank(self.group, g) if self.group is not dist.group.WORLD else g
+                        for pp, g in inverse.items()}
+        self.prev, self.next = schedules.topology(self.kind, self.num_ranks, self.rank)
+        want = len(self.prev)
+        if len(self.module) != want:
+            raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank, got {len(self.module)}")
+        self.shapes, self.dtype = None, None
+        self.timeline: list = []
+        params = [p for m in self.module for p in m.parameters()]
+        self._device = params[0].device if params else torch.device("cpu")
+
+    def set_p2p_tensor_shapes(self, shapes) -> None:
+        """Shapes of the tensors passed between stages, per micro-batch (a list of shapes)."""
+        self.shapes = [tuple(s) for s in shapes]
+
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    # ---------- communication ----------
+    def _tag(self, kind: str, d: int) -> int:
+        return (0 if kind == "F" else 2) + d
+
+    def _post_recv(self, kind: str, d: int):
+        """Post the receive feeding op (kind, d) of this rank; None when not remote."""
+        src = self.prev[d] if kind == "F" else self.next[d]
+        if src is None or src[0] == self.rank:
+            return None
+        bufs = [torch.empty(s, dtype=self.dtype, device=self._device) for s in self.shapes]
+        works = [dist.irecv(b, src=self._global[src[0]], group=self.group, tag=self._tag(kind, d)) for b in bufs]
+        return bufs, works
+
+    def _recv(self, kind: str, d: int):
+        key = (kind, d)
+        src = self.prev[d] if kind == "F" else self.next[d]
+        if src[0] == self.rank:
+            return self._local[key].popleft()
+        pending = self._pending[key].popleft() if self._pending[key] else self._post_recv(kind, d)
+        bufs, works = pending
+        t0 = time.perf_counter()
+        for w in works:
+            w.wait()
+        self._event("wait", d, t0)
+        return tuple(bufs)
+
+    def _send(self, kind: str, d: int, tensors) -> None:
+        dst = self.next[d] if kind == "F" else self.prev[d]
+        dd = dst[1]
+        tensors = tuple(t.detach() for t in tensors)
+        if dst[0] == self.rank:
+            self._local[(kind, dd)].append(tensors)
+            return
+        for t in tensors:
+            t = t.to(self.dtype).contiguous()
+            self._sends.append((t, dist.isend(t, dst=self._global[dst[0]], group=self.group, tag=self._tag(kind, dd))))
+
+    def _prefetch(self, op) -> None:
+        """Post the receives of the next op now, so its transfers overlap the current op's compute."""
+        parts = [("F", op[1])] if op[0] == "F" else [("B", op[1])] if op[0] == "B" else \
+            [("F", op[1]), ("B", op[2])] if op[0] == "FB" else []
+        for kind, d in parts:
+            post = self._post_recv(kind, d)
+            if post is not None:  # posting order == consumption order per (kind, direction)
+                self._pending[(kind, d)].append(post)
+
+    def _event(self, name: str, d: int, t0: float) -> None:
+        self.timeline.append((name, d, t0 - self._t_start, time.perf_counter() - self._t_start))
+
+    # ---------- compute ----------
+    def _forward(self, d: int) -> None:
+        i = self._fcount[d]
+        self._fcount[d] += 1
+        if self.prev[d] is None:
+            inputs = self._inputs[i]
+        else:
+            inputs = tuple(t.requires_grad_(not self.forward_only) if t.is_floating_point() else t
+                           for t in self._recv("F", d))
+        outputs = _as_tuple(self.module[d](*inputs))
+        if self.next[d] is None:
+            if self.criterion is not None:
+                loss = self.criterion(*outputs, *self._labels[i])
+                self._losses.append(loss.detach())
+                self._saved[d].append((inputs, loss))
+            elif not self.forward_only:
+                raise ValueError("criterion is required on the rank that computes the loss")
+            if self.return_outputs:
+                self._outputs.append(tuple(o.detach() for o in outputs))
+        else:
+            self._send("F", d, outputs)
+            if not self.forward_only:
+                self._saved[d].append((inputs, outputs))
+
+    def _backward(self, d: int, zb: bool) -> None:
+        self._bcount[d] += 1
+        inputs, outputs = self._saved[d].popleft()
+        WeightGradStore.enabled = zb
+        try:
+            if self.next[d] is None:
+                torch.autograd.backward(outputs)
+            else:
+                grads = self._recv("B", d)
+                pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        finally:
+            WeightGradStore.enabled = False
+        if zb:
+            WeightGradStore.flush()
+        if self.prev[d] is not None:
+            self._send("B", d, [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
+
+    def _run(self, op) -> None:
+        t0 = time.perf_counter()
+        name = op[0]
+        if name == "F":
+            self._forward(op[1])
+        elif name == "B":
+            self._backward(op[1], op[2])
+        elif name == "W":
+            WeightGradStore.pop()
+        else:
+            self._forward(op[1])   # F&B pair: receives of both were posted before, sends go out at once
+            self._backward(op[2], False)
+        self._event(name, op[1] if len(op) > 1 else -1, t0)
+
+    # ---------- step ----------
+    def step(self, *inputs, num_chunks: int = 0, criterion: Callable | None = None, labels=(),
+             return_outputs: bool = False):
+        """Run one training (or, under torch.no_grad, forward-only) step; see the module docstring."""
+        if self.shapes is None or self.dtype is None:
+            raise RuntimeError("set_p2p_tensor_shapes and set_p2p_tensor_dtype must be called before step()")
+        schedules.check_args(self.kind, self.num_ranks, num_chunks)
+        self.forward_only = not torch.is_grad_enabled()
+        self.criterion, self.return_outputs = criterion, return_outputs
+        n = schedules.chunks_per_direction(self.kind, num_chunks)
+        ops = schedules.build(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
+        in_dirs = [d for d, p in enumerate(self.prev) if p is None]
+        loss_dirs = [d for d, p in enumerate(self.next) if p is None]
+        if in_dirs and not inputs:
+            raise ValueError(f"rank {self.rank} runs a first stage and needs inputs")
+        if loss_dirs and not self.forward_only and criterion is None:
+            raise ValueError(f"rank {self.rank} runs a last stage and needs a criterion")
+        self._inputs = _scatter(inputs, n, self.batch_dim)
+        self._labels = _scatter(tuple(labels), n, self.batch_dim)
+        self._fcount, self._bcount = [0, 0], [0, 0]
+        self._saved = [deque(), deque()]
+        self._local = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
+        self._pending = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
+        self._sends, self._losses, self._outputs = [], [], []
+        WeightGradStore.clear()
+        self.timeline = []
+        self._t_start = time.perf_counter()
+        for j, op in enumerate(ops):
+            if j + 1 < len(ops):
+                self._prefetch(ops[j + 1])
+            self._run(op)
+        t0 = time.perf_counter()
+        for _, w in self._sends:
+            w.wait()
+        self._event("wait", -1, t0)
+        assert not WeightGradStore.queue and all(not p for p in self._pending.values())
+        self._sends = []
+        loss = torch.stack(self._losses) if self._losses else None
+        outputs = None
+        if return_outputs and self._outputs:
+            cat = tuple(torch.cat([o[k] for o in self._outputs], self.batch_dim) for k in range(len(self._outputs[0])))
+            outputs = cat[0] if len(cat) == 1 else cat
+        self._inputs = self._labels = self._outputs = self._losses = None
+        return loss, outputs
+
+
+class DualPipe(PipelineSchedule):
+    """Bidirectional pipeline: `modules=(stage r, stage PP-1-r)`; PP even; num_chunks >= 2*PP, even."""
+
+    kind = "dualpipe"
+
+
+class DualPipeV(PipelineSchedule):
+    """DualPipe cut in half ("V" shape): `modules=(stage r, stage 2*PP-1-r)`; the first rank feeds inputs
+    and computes the loss."""
+
+    kind = "dualpipev"
+
+
+class OneFOneB(PipelineSchedule):
+    """Classic 1F1B: `modules=stage r` (or a 1-tuple); the first rank feeds inputs, the last computes the loss."""
+
+    kind = "1f1b"
