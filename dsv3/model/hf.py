@@ -20,7 +20,6 @@ Design choices
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
