@@ -58,3 +58,109 @@ def ray_shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# ---- training (owner: train) --------------------------------------------------------------
+# Ray Train runs `dsv3.train.loop.train` on every worker; TorchTrainer sets up the
+# torch.distributed group (gloo on CPU, NCCL on GPU). Fault tolerance: FailureConfig
+# restarts the whole worker group; the restarted workers find this launch's marker in the
+# run folder and resume from the latest valid checkpoint (their own atomic checkpoints,
+# not Ray's storage, so a single-process run and a Ray run resume the same way).
+# Progress: rank 0 appends its lines to <out_dir>/train.log, which the driver tails.
+
+
+def _train_worker(config: dict) -> None:
+    import torch.distributed as dist
+
+    from dsv3.config import RunConfig
+    from dsv3.train.loop import train
+
+    cfg = RunConfig.from_dict(config["cfg"])
+    out = Path(cfg.train.out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    box = [False]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        marker = out / ".launch"
+        box[0] = marker.is_file() and marker.read_text() == config["launch_id"]
+        marker.write_text(config["launch_id"])
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    restarted = bool(box[0])
+    if restarted and rank == 0:
+        print(f"[{config['stage']}] worker group restarted: resuming from the latest checkpoint", flush=True)
+    train(cfg, resume=config["resume"] or restarted, parent_run_id=config.get("parent_run_id"),
+          stage=config["stage"], run_name=config.get("run_name"), tags=config.get("tags"))
+
+
+def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, resume: bool = False,
+                 parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
+                 tags: dict | None = None, address: str | None = None, progress: bool = True) -> dict:
+    """Run `dsv3.train.loop.train` data-parallel on Ray Train; returns its result.json."""
+    import json
+    import threading
+    import time
+    import uuid
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    n = int(num_workers or cfg.parallel.dp or 1)
+    if cfg.train.threads is None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"threads": max(1, (os.cpu_count() or 1) // n)})})
+    ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+    out = Path(cfg.train.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"out_dir": str(out)})})
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS") if k in os.environ}
+    if "MLFLOW_TRACKING_URI" not in env:
+        env["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path("mlruns.db").resolve())
+    config = {"cfg": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex,
+              "parent_run_id": parent_run_id, "stage": stage, "run_name": run_name, "tags": tags}
+    log_path = out / "train.log"
+    log_path.write_text("") if not resume else log_path.touch()
+    trainer = TorchTrainer(
+        _with_env(env), train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{cfg.name}-{stage}-{config['launch_id'][:8]}", storage_path=str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
+    stop = threading.Event()
+    tail = threading.Thread(target=_tail, args=(log_path, stop), daemon=True)
+    if progress:
+        tail.start()
+    try:
+        trainer.fit()
+    finally:
+        time.sleep(0.2)
+        stop.set()
+        if progress:
+            tail.join(timeout=2)
+    return json.loads((out / "result.json").read_text())
+
+
+def _with_env(env: dict):
+    def fn(config):
+        os.environ.update(env)
+        _train_worker(config)
+
+    return fn
+
+
+def _tail(path: Path, stop) -> None:
+    import time
+
+    pos = 0
+    while True:
+        done = stop.is_set()
+        if path.exists():
+            with open(path) as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                print(chunk, end="", flush=True)
+        if done:
+            return
+        time.sleep(0.5)

@@ -74,9 +74,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+_LOG_FILE: Path | None = None  # rank 0 mirrors progress lines here (the Ray driver tails it)
+
+
 def _say(msg: str, rank: int = 0) -> None:
     if rank == 0:
         print(msg, flush=True)
+        if _LOG_FILE is not None:
+            with open(_LOG_FILE, "a") as f:
+                f.write(msg + "\n")
 
 
 def shard_dir(cfg) -> str:
@@ -198,8 +204,10 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     out_dir = Path(t.out_dir)
     ck_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
+    global _LOG_FILE
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _LOG_FILE = out_dir / "train.log"
     n_moe = len(model.moe_layers())
     E = cfg.model.n_routed_experts
     state: dict[str, Any] = dict(step=0, data_pos=0, tokens=0, loss_mean=None, good=0, bad=0, skipped=0,
