@@ -207,9 +207,11 @@ class DSV3LM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
             temperature = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0
+            if max_gen >= self.max_length:  # e.g. humaneval's 1024 on a 512-position model
+                log.warning("max_gen_toks %d >= max_length %d: clamped to %d", max_gen, self.max_length,
+                            self.max_length // 2)
+                max_gen = self.max_length // 2
             max_ctx = self.max_length - max_gen
-            if max_ctx <= 0:
-                raise ValueError(f"max_gen_toks {max_gen} >= max_length {self.max_length}")
             encs = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx) for i in idxs}
             order = sorted(idxs, key=lambda i: -len(encs[i]))
             for s in range(0, len(order), self.batch_size):

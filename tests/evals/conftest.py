@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed BLAS threads are 30x slower
+
 SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜fim▁hole｜>", "<｜fim▁begin｜>",
            "<｜fim▁end｜>", "<｜User｜>", "<｜Assistant｜>", "<｜pad｜>"]
 
@@ -72,11 +79,11 @@ def tiny_data(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("evaldata")
     for subj, rows in MMLU_ROWS.items():
-        for split in ("dev", "test"):
+        for split, part in (("dev", (rows * 2)[:5]), ("test", rows)):  # 5 shots need 5 dev rows
             p = d / "mmlu" / subj / f"{split}.jsonl"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text("".join(json.dumps({"question": q, "subject": subj, "choices": c, "answer": a}) + "\n"
-                                 for q, c, a in rows))
+                                 for q, c, a in part))
     drop = [{"query_id": f"q{i}", "passage": "The Lions scored first. The Bucs scored 7 points later.",
              "question": q, "answers": [[a]]} for i, (q, a) in
             enumerate([("Who scored first?", "Lions"), ("How many points did the Bucs score?", "7"),
