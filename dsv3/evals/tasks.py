@@ -30,7 +30,7 @@ DEFAULT_DATA = REPO / "data" / "evals"
 FEWSHOT = {"mmlu": 5, "drop": 3, "humaneval": 0}
 ONLINE = {"mmlu": "mmlu", "drop": "drop", "humaneval": "dsv3_humaneval"}
 OFFLINE = {"mmlu": "dsv3_mmlu", "drop": "dsv3_drop", "humaneval": "dsv3_humaneval"}
-PRIMARY = {"mmlu": "acc", "drop": "f1", "humaneval": "pass@1"}
+PRIMARY = {"mmlu": "acc", "drop": "f1", "humaneval": "pass_at_1"}  # MLflow metric names
 
 
 def data_dir() -> Path:

