@@ -10,7 +10,9 @@ Design choices
 - Inference path ("absorption", §2.1.1 last paragraph): W_UK is folded into the query and
   W_UV into the output, so the cache holds only the *normalised* latent c_KV and the
   rotated k_R per token and layer: (kv_lora_rank + qk_rope_head_dim) numbers, e.g. 576 for
-  V3 instead of 2·128·128 for plain MHA. Both paths agree to fp32 rounding.
+  V3 instead of 2·128·(128+64) for plain MHA. Decode steps (one query per sequence)
+  attend in the latent space; a multi-token prefill up-projects the cached latents once
+  and uses SDPA, which is cheaper there. All paths agree to fp32 rounding.
 - Softmax scale 1/sqrt(qk_nope + qk_rope), times YaRN mscale² when scaling is on (§4.3).
 """
 
@@ -79,6 +81,17 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
 
+    def _attend_expanded(self, q_nope, q_pe, latent, pe, mask) -> torch.Tensor:
+        """Attention of S queries over T cached latents, up-projected with kv_b_proj."""
+        B, S, H, _ = q_nope.shape
+        T = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
     def _forward_absorbed(self, x, rope, mask, cache) -> torch.Tensor:
         B, S, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
@@ -88,6 +101,8 @@ class MLA(nn.Module):
         cache.latent[:B, start:end] = c_kv.to(cache.latent.dtype)
         cache.pe[:B, start:end] = k_pe.squeeze(2).to(cache.pe.dtype)
         latent, pe = cache.latent[:B, :end], cache.pe[:B, :end]  # [B,T,r], [B,T,rope]
+        if S > 1:  # prefill: expanding the latent once is cheaper than absorbing per query
+            return self._attend_expanded(q_nope, q_pe, latent.to(x.dtype), pe.to(x.dtype), mask)
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H,nope,r], [H,v,r]
         q_abs = torch.einsum("bshd,hdr->bshr", q_nope, w_uk.to(q_nope.dtype))
