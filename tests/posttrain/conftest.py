@@ -1,0 +1,37 @@
+"""Fixtures for post-training tests: a tiny BPE chat tokenizer (vocab 512) trained on the
+generated SFT data, and a tiny dsv3 model whose vocabulary matches it."""
+
+import pytest
+import torch
+
+from dsv3.posttrain.chat import build_chat_tokenizer
+from dsv3.posttrain.config import DataGenConfig
+from dsv3.posttrain.sft_data import build_sft_dataset
+
+
+def corpus():
+    recs = build_sft_dataset(DataGenConfig(n_arithmetic=400, n_algebra=100, n_code=40, seed=123))
+    return [r["prompt"] + "\n" + r["response"] for r in recs]
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    build_chat_tokenizer(corpus(), vocab_size=512, out_dir=d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from dsv3.posttrain.chat import load_tokenizer
+
+    return load_tokenizer(tok_dir)
+
+
+def tiny_model(tok, seed=0, **kw):
+    from dsv3 import DeepSeekV3, ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+    return DeepSeekV3(cfg)
