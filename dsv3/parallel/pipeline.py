@@ -17,7 +17,7 @@ Design:
 - An F&B pair runs the forward then the backward with both chunks' receives posted ahead and sends
   issued at once; interleaving the two chunks' compute with their all-to-all (§3.2.2) is the model's
   job (see `expert.py`), not done here.
-- Every op is timed (F, B, W, FB, and `wait` = blocked on a receive) into `self.timeline`
+- Every op is timed (F, B, Bi = zero-bubble input-grad B, W, FB, and `wait` = blocked on a receive) into `self.timeline`
   (see `bubble.py`); forward-only steps (under `torch.no_grad`) run the F ops of the same order.
 - `step(*inputs, num_chunks, criterion, labels, return_outputs) -> (loss, outputs)`: the reference
   interface. DualPipe: the first rank feeds the first half of the batch and computes the loss of the
@@ -191,10 +191,12 @@ class PipelineSchedule(nn.Module):
             return self._local[key].popleft()
         pending = self._pending[key].popleft() if self._pending[key] else self._post_recv(kind, d)
         bufs, works = pending
+        self._close_segment()
         t0 = time.perf_counter()
         for w in works:
             w.wait()
-        self._event("wait", d, t0)
+        self._event("wait", d, t0, -1)
+        self._seg_t0 = time.perf_counter()
         return tuple(bufs)
 
     def _send(self, kind: str, d: int, tensors) -> None:
@@ -217,8 +219,14 @@ class PipelineSchedule(nn.Module):
             if post is not None:  # posting order == consumption order per (kind, direction)
                 self._pending[(kind, d)].append(post)
 
-    def _event(self, name: str, d: int, t0: float) -> None:
-        self.timeline.append((name, d, t0 - self._t_start, time.perf_counter() - self._t_start))
+    def _event(self, name: str, d: int, t0: float, op_index: int) -> None:
+        """Timeline entry (name, direction, t0, t1, op index); an op interrupted by receive waits is
+        recorded as several segments with the same op index, so entries never overlap."""
+        self.timeline.append((name, d, t0 - self._t_start, time.perf_counter() - self._t_start, op_index))
+
+    def _close_segment(self) -> None:
+        if self._seg is not None:
+            self._event(self._seg[0], self._seg[1], self._seg_t0, self._seg[2])
 
     # ---------- compute ----------
     def _forward(self, d: int) -> None:
@@ -263,19 +271,21 @@ class PipelineSchedule(nn.Module):
         if self.prev[d] is not None:
             self._send("B", d, [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
 
-    def _run(self, op) -> None:
-        t0 = time.perf_counter()
+    def _run(self, op, j: int) -> None:
         name = op[0]
+        self._seg = ("Bi" if name == "B" and op[2] else name, op[1] if len(op) > 1 else -1, j)
+        self._seg_t0 = time.perf_counter()
         if name == "F":
             self._forward(op[1])
         elif name == "B":
-            self._backward(op[1], op[2])
+            self._backward(op[1], op[2])  # recorded as Bi when zero-bubble: its W comes later
         elif name == "W":
             WeightGradStore.pop()
         else:
             self._forward(op[1])   # F&B pair: receives of both were posted before, sends go out at once
             self._backward(op[2], False)
-        self._event(name, op[1] if len(op) > 1 else -1, t0)
+        self._close_segment()
+        self._seg = None
 
     # ---------- step ----------
     def step(self, *inputs, num_chunks: int = 0, criterion: Callable | None = None, labels=(),
@@ -302,16 +312,16 @@ class PipelineSchedule(nn.Module):
         self._pending = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
         self._sends, self._losses, self._outputs = [], [], []
         WeightGradStore.clear()
-        self.timeline = []
+        self.timeline, self._seg = [], None
         self._t_start = time.perf_counter()
         for j, op in enumerate(ops):
             if j + 1 < len(ops):
                 self._prefetch(ops[j + 1])
-            self._run(op)
+            self._run(op, j)
         t0 = time.perf_counter()
         for _, w in self._sends:
             w.wait()
-        self._event("wait", -1, t0)
+        self._event("wait", -1, t0, -1)
         assert not WeightGradStore.queue and all(not p for p in self._pending.values())
         self._sends = []
         loss = torch.stack(self._losses) if self._losses else None

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.parallel import DualPipe, DualPipeV, OneFOneB, WeightGradStore, split_weight_grads
+from dsv3.parallel.bubble import gather_timelines, report
 from tests.parallel.workers import DIM, MB, assert_grads, criterion, data, make_stages, reference, spawn
 
 
@@ -41,7 +42,10 @@ def _check_dualpipe(rank, pp, nc):
             assert_grads(pipe.module[0], ref0[rank], f"rank{rank}.stage{rank}")
             assert_grads(pipe.module[1], ref1[pp - 1 - rank], f"rank{rank}.stage{pp - 1 - rank}")
     kinds = {e[0] for e in pipe.timeline}
-    assert {"F", "B", "W", "FB"} <= kinds, kinds
+    assert {"F", "B", "Bi", "W", "FB", "wait"} <= kinds, kinds
+    rep = report("dualpipe", gather_timelines(pipe))
+    assert rep["pp"] == pp and rep["costs"]["W"] > 0 and 0 <= rep["fraction"] < 1
+    assert all(s["count"]["W"] == s["count"]["Bi"] for s in rep["per_rank"])
     with torch.no_grad():
         loss, out = pipe.step(*args, num_chunks=nc, criterion=criterion, labels=labels, return_outputs=True)
     if first:

@@ -4,30 +4,12 @@ single-process sequential references the pipelines are checked against."""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _entry(rank, world, init_file, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes; a failure in any rank raises here."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True)
+from dsv3.parallel.local import spawn  # noqa: F401  (re-exported for the tests)
 
 
 DIM, MB = 8, 2  # hidden size, micro-batch size
