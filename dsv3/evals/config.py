@@ -11,6 +11,7 @@ class EvalConfig(BaseModel):
     tasks: list[Literal["mmlu", "drop", "humaneval"]] = ["mmlu", "drop", "humaneval"]
     limit: int | None = Field(None, ge=1)  # documents per task (per MMLU subject); None = all
     data_dir: str | None = None  # offline data (make eval-data); None: $DSV3_EVAL_DATA, else online
+    mmlu_subjects: list[str] | None = None  # a subset of the 57 (quick runs); None = all via the group
     num_fewshot: dict[str, int] = {}  # overrides of mmlu 5 / drop 3 / humaneval 0
     batch_size: int = Field(16, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -76,6 +76,16 @@ def summarize(bench: str, res: dict) -> dict[str, float]:
         for k, v in r.items():
             if "," in k and isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
                 out[metric_key(f"{prefix}/{k.split(',')[0]}")] = float(v)
+    if bench == "mmlu" and "eval/mmlu/acc" not in out:  # a subset of subjects: size-weighted mean
+        n = {t: c.get("effective", 0) for t, c in res.get("n-samples", {}).items()}
+        rows = [(r["acc,none"], r.get("acc_stderr,none", 0.0), n.get(t, 0)) for t, r in res["results"].items()
+                if "acc,none" in r]
+        if rows and sum(w for *_, w in rows):
+            from lm_eval.api.metrics import pooled_sample_stderr
+
+            out["eval/mmlu/acc"] = sum(a * w for a, _, w in rows) / sum(w for *_, w in rows)
+            se = [(s if isinstance(s, float) and math.isfinite(s) else 0.0) for _, s, _ in rows]
+            out["eval/mmlu/acc_stderr"] = float(pooled_sample_stderr(se, [w for *_, w in rows]))
     return out
 
 
@@ -126,8 +136,11 @@ def evaluate(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True, ru
     out.mkdir(parents=True, exist_ok=True)
     for bench in cfg.tasks:
         t0 = time.time()
+        tasks = [task_name(bench, offline)]
+        if bench == "mmlu" and cfg.mmlu_subjects:
+            tasks = [f"{tasks[0]}_{s}" for s in cfg.mmlu_subjects]
         res = lm_eval.simple_evaluate(
-            model=lm, tasks=[task_name(bench, offline)], num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
+            model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
             limit=cfg.limit, task_manager=tm, log_samples=cfg.log_samples, confirm_run_unsafe_code=True,
             gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
