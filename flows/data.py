@@ -55,9 +55,13 @@ def dvc_repro(repo: str) -> str:
 
 
 def data_version(repo: str | Path) -> tuple[str, dict]:
-    """(digest, {out path: md5}) from dvc.lock."""
+    """(digest, {out path: md5}) of the data outs in dvc.lock (metrics files, which hold timings, excluded)."""
     lock = yaml.safe_load((Path(repo) / "dvc.lock").read_text())
-    outs = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+    spec = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())
+    metrics = {next(iter(m)) if isinstance(m, dict) else m for st in spec["stages"].values()
+               for m in st.get("metrics", [])}
+    outs = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+            if o["path"] not in metrics}
     digest = hashlib.sha256(json.dumps(outs, sort_keys=True).encode()).hexdigest()[:16]
     return digest, outs
 

@@ -1,0 +1,114 @@
+"""Real DVC (repro / no-op / param change / metrics / push+pull) and the real Prefect flow
+(dvc repro -> GX -> MLflow + markdown artifact) in a temporary git repo copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import make_corpus
+
+ROOT = Path(__file__).parents[2]
+ENV = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    r = subprocess.run(list(cmd), cwd=repo, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return sh(repo, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    r = tmp_path_factory.mktemp("repo")
+    shutil.copytree(ROOT / "dsv3", r / "dsv3", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", r / "dvc.yaml")
+    make_corpus(r / "corpus")
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    d = p["data"]
+    d.update(sources=["corpus"], seq_len=64)
+    d["source"]["max_doc_bytes"] = 8000
+    d["decontam"]["paths"] = []
+    d["split"]["val_fraction"] = 0.2
+    d["tokenizer"].update(vocab_size=320, min_frequency=1)
+    (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (r / ".gitignore").write_text("/gx/\nmlruns.db\nmlartifacts/\n")
+    sh(r, "git", "init", "-q")
+    dvc(r, "init", "-q")
+    dvc(r, "config", "core.analytics", "false")
+    dvc(r, "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "init")
+    out = dvc(r, "repro")
+    assert all(f"Running stage '{s}'" in out for s in ("curate", "tokenizer", "shards")), out
+    return r
+
+
+def test_dvc_second_repro_is_noop(repo):
+    out = dvc(repo, "repro")
+    assert "Data and pipelines are up to date" in out and "Running stage" not in out, out
+    assert "up to date" in dvc(repo, "status")
+    m = dvc(repo, "metrics", "show", "--json")
+    metrics = json.loads(m)
+    flat = json.dumps(metrics)
+    assert '"kept": 11' in flat and '"exact_dup": 1' in flat and "vocab_size" in flat
+
+
+def test_dvc_tokenizer_param_reruns_only_tokenizer_and_later(repo):
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"]["tokenizer"]["vocab_size"] = 300
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = dvc(repo, "repro")
+    assert "Stage 'curate' didn't change, skipping" in out, out
+    assert "Running stage 'tokenizer'" in out and "Running stage 'shards'" in out, out
+    assert json.loads((repo / "data" / "shards" / "index.json").read_text())["vocab_size"] == 300
+
+
+def test_dvc_push_pull_local_remote(repo):
+    dvc(repo, "push")
+    shutil.rmtree(repo / "data" / "shards")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    dvc(repo, "pull")
+    assert (repo / "data" / "shards" / "index.json").is_file()
+    assert "up to date" in dvc(repo, "status")
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
+@pytest.mark.timeout(500)
+def test_prefect_flow_logs_version_and_stats(repo, prefect_harness, tmp_path, monkeypatch):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from flows.data import data_flow, data_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    res = data_flow(repo=str(repo))
+    digest, outs = data_version(repo)
+    assert res["digest"] == digest and set(outs) == {"data/curated", "data/tokenizer", "data/shards"}
+    assert res["validation"]["success"] and Path(res["validation"]["docs"].removeprefix("file://")).is_file()
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(res["run_id"])
+    assert run.data.tags["dvc_data_digest"] == digest
+    assert run.data.metrics["data/input"] == 19 and run.data.metrics["data/bucket/exact_dup"] == 1
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [digest]
+    with get_client(sync_client=True) as c:
+        arts = [a for a in c.read_artifacts() if a.key == "data-stats"]
+    assert arts and digest in arts[0].data
