@@ -1,0 +1,113 @@
+"""Context extension with YaRN in stages (DeepSeek-V3 §4.3), on the same training loop.
+
+The paper extends 4K -> 32K -> 128K in two stages of 1000 steps each, with YaRN
+(s = 40, α = 1, β = 32, scaling √t = 0.1 ln s + 1) applied to the decoupled RoPE key
+only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages`
+(e.g. factor 4 at 4× the pretraining length, then 16 at 16×). Each stage:
+- rewrites `model.rope_scaling` = {"type": "yarn", "factor": s,
+  "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
+  "mscale": 1.0, "mscale_all_dim": 1.0} and max_position_embeddings = s·L0,
+- runs `loop.train` (or the Ray launcher) from the previous stage's checkpoint at the
+  stage's sequence length with a constant LR (no warmup/decay), MTP λ at its late
+  value and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
+- is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
+  depths) of the base model before and of the final model after, and registers it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _tokenizer(cfg):
+    from dsv3.train.loop import tokenizer_dir
+
+    d = tokenizer_dir(cfg)
+    if d is None:
+        return None
+    try:
+        from dsv3.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(d)
+    except Exception:  # noqa: BLE001 - the passkey probe falls back to token ids
+        return None
+
+
+def stage_config(cfg, i: int, init_from: str, L0: int):
+    ex = cfg.train.extend
+    st = ex.stages[i]
+    rs = {"type": "yarn", "factor": float(st.factor), "original_max_position_embeddings": int(L0),
+          "beta_fast": ex.beta_fast, "beta_slow": ex.beta_slow, "mscale": ex.mscale,
+          "mscale_all_dim": ex.mscale_all_dim}
+    m = cfg.model.replace(rope_scaling=rs, max_position_embeddings=max(int(L0 * st.factor), st.seq_len),
+                          mtp_loss_weight=cfg.train.mtp_loss_weight_late,
+                          bias_update_speed=cfg.train.bias_update_speed_late)
+    t = cfg.train.model_copy(update=dict(
+        seq_len=st.seq_len, batch_size=st.batch_size, steps=st.steps, lr=ex.lr, warmup_frac=0.0,
+        constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
+        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir) / f"extend_{i + 1}"),
+        eval_every=st.steps, ckpt_every=st.steps, register_model=False, debug_nan_steps=[],
+        debug_kill_rank_at_step=None))
+    return cfg.model_copy(update={"model": m, "train": t, "name": f"{cfg.name}-extend{i + 1}"})
+
+
+def _passkey(cfg_model, model_dir: str, ex, tok):
+    from dsv3.model.transformer import DeepSeekV3
+    from dsv3.train.checkpoint import load_model_weights
+    from dsv3.train.passkey import passkey_grid
+
+    model = DeepSeekV3(cfg_model)
+    load_model_weights(model, model_dir)
+    return passkey_grid(model, ex.passkey_lengths, ex.passkey_depths, ex.passkey_trials, tok)
+
+
+def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool = False,
+           num_workers: int | None = None) -> dict:
+    """Run all extension stages from `init_from` (checkpoint dir, HF dir or MLflow URI)."""
+    from dsv3 import tracking
+    from dsv3.train import plots
+    from dsv3.train.loop import train
+
+    ex = cfg.train.extend
+    L0 = ex.original_max_position_embeddings or cfg.train.seq_len
+    src = Path(tracking.resolve_model_uri(init_from))
+    base_dir = src / "model" if (src / "model" / "config.json").is_file() else src
+    tok = _tokenizer(cfg)
+    out: dict = {"stages": []}
+    with tracking.start_run(cfg, "extend", run_name=f"{cfg.name}-extend", parent_run_id=parent_run_id,
+                            tags={"parent_checkpoint": str(init_from)}) as run:
+        out["run_id"] = run.info.run_id
+        before = _passkey(cfg.model, str(base_dir), ex, tok)
+        prev = str(base_dir)
+        for i in range(len(ex.stages)):
+            scfg = stage_config(cfg, i, prev, L0)
+            print(f"[extend] stage {i + 1}/{len(ex.stages)}: YaRN factor {ex.stages[i].factor:g}, "
+                  f"seq_len {ex.stages[i].seq_len}, {ex.stages[i].steps} steps", flush=True)
+            if use_ray:
+                from dsv3.launch import run_training
+
+                res = run_training(scfg, num_workers=num_workers, parent_run_id=run.info.run_id,
+                                   stage=f"extend_{i + 1}")
+            else:
+                res = train(scfg, parent_run_id=run.info.run_id, stage=f"extend_{i + 1}").to_json()
+            out["stages"].append(res)
+            prev = res["model_dir"]
+        after = _passkey(scfg.model, prev, ex, tok)
+        for name, grid in (("before", before), ("after", after)):
+            fig = plots.heatmap(grid, ex.passkey_lengths, ex.passkey_depths,
+                                f"passkey token accuracy ({name} extension)", "needle depth", "context length")
+            tracking.log_figure(fig, f"plots/passkey_{name}.png")
+            plots.close(fig)
+        tracking.log_metrics({"passkey/before_mean": float(before.mean()), "passkey/after_mean": float(after.mean()),
+                              **{f"passkey/after/len_{L}": float(after[k].mean())
+                                 for k, L in enumerate(ex.passkey_lengths)},
+                              **{f"passkey/before/len_{L}": float(before[k].mean())
+                                 for k, L in enumerate(ex.passkey_lengths)}}, step=0)
+        tracking.set_tags({"checkpoint_uri": out["stages"][-1]["checkpoint"], "model_dir": prev})
+        if cfg.train.register_model:
+            out["model_version"] = tracking.register_model(prev, cfg.tracking.registered_model)
+    out.update(model_dir=prev, checkpoint=out["stages"][-1]["checkpoint"],
+               passkey_before=np.round(before, 3).tolist(), passkey_after=np.round(after, 3).tolist())
+    return out
