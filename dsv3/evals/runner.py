@@ -20,10 +20,10 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dsv3.evals.config import EvalConfig
-from dsv3.evals.tasks import ENV, FEWSHOT, PRIMARY, TASK_DIR, task_name
+from dsv3.evals.tasks import DEFAULT_DATA, ENV, FEWSHOT, PRIMARY, TASK_DIR, task_name  # noqa: F401
 
 
 def find_latest_checkpoint(root: str | Path = "runs") -> str:
@@ -85,7 +85,11 @@ def summarize(bench: str, res: dict) -> dict[str, float]:
 
             out["eval/mmlu/acc"] = sum(a * w for a, _, w in rows) / sum(w for *_, w in rows)
             se = [(s if isinstance(s, float) and math.isfinite(s) else 0.0) for _, s, _ in rows]
-            out["eval/mmlu/acc_stderr"] = float(pooled_sample_stderr(se, [w for *_, w in rows]))
+            sizes = [w for *_, w in rows]
+            if len(rows) == 1:
+                out["eval/mmlu/acc_stderr"] = se[0]
+            elif sum(sizes) > len(sizes):
+                out["eval/mmlu/acc_stderr"] = float(pooled_sample_stderr(se, sizes))
     return out
 
 
@@ -113,59 +117,88 @@ def bits_per_byte(lm, shard_dir: str, split: str = "val", max_tokens: int | None
             "eval/bpb_tokens": float(scored)}
 
 
-def evaluate(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True, run_name: str | None = None,
-             on_result: Callable[[str, dict], None] | None = None, out_dir: str | Path | None = None,
-             ) -> dict[str, Any]:
-    """Run the configured benchmarks on `ckpt`; returns {"metrics", "results", "run_id", "table"}."""
+_LM_CACHE: dict[tuple, Any] = {}
+
+
+def get_lm(ckpt: str, cfg: EvalConfig):
+    """The adapter for `ckpt`, loaded once per process (the flow's tasks share it)."""
+    import dsv3.evals  # noqa: F401  (registers the model)
+    from dsv3.evals.adapter import DSV3LM
+
+    key = (ckpt, cfg.batch_size, cfg.dtype, cfg.device)
+    if key not in _LM_CACHE:
+        _LM_CACHE.clear()
+        _LM_CACHE[key] = DSV3LM(ckpt, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+    return _LM_CACHE[key]
+
+
+def is_offline(cfg: EvalConfig) -> bool:
+    if cfg.data_dir:
+        os.environ[ENV] = str(Path(cfg.data_dir).resolve())
+    return bool(os.environ.get(ENV))
+
+
+def run_benchmark(ckpt: str, bench: str, cfg: EvalConfig, out: str | Path) -> dict[str, float]:
+    """One benchmark through lm_eval.simple_evaluate; writes results/samples under `out`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import dsv3.evals  # noqa: F401  (registers the model)
-    from dsv3.evals.adapter import DSV3LM
+    offline = is_offline(cfg)
+    lm = get_lm(ckpt, cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tasks = [task_name(bench, offline)]
+    if bench == "mmlu" and cfg.mmlu_subjects:
+        tasks = [f"{tasks[0]}_{s}" for s in cfg.mmlu_subjects]
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
+        limit=cfg.limit, task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=not offline),
+        log_samples=cfg.log_samples, confirm_run_unsafe_code=True,
+        gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed)
+    m = summarize(bench, res)
+    m[f"eval/{bench}/seconds"] = time.time() - t0
+    raw = {k: res.get(k) for k in ("results", "groups", "n-shot", "n-samples", "higher_is_better")}
+    (out / f"{bench}_results.json").write_text(json.dumps(raw, indent=1, default=str))
+    if cfg.log_samples:
+        with open(out / f"{bench}_samples.jsonl", "w") as f:
+            for task, rows in res.get("samples", {}).items():
+                for r in rows:
+                    f.write(json.dumps({"task": task, **r}, default=str) + "\n")
+    return m
+
+
+def run_bpb(ckpt: str, cfg: EvalConfig) -> dict[str, float]:
+    lm = get_lm(ckpt, cfg)
+    return bits_per_byte(lm, cfg.bpb_shards, cfg.bpb_split, cfg.bpb_max_tokens, min(cfg.bpb_seq_len, lm.max_length))
+
+
+def finish(ckpt: str, cfg: EvalConfig, metrics: dict[str, float], out: str | Path, tracking: bool = True,
+           run_name: str | None = None) -> tuple[str, str | None]:
+    """Write the results table + config next to the results; log all to MLflow. (table, run_id)"""
     from dsv3.evals.report import results_table
 
-    cfg = cfg or EvalConfig()
-    if cfg.data_dir:
-        os.environ[ENV] = str(Path(cfg.data_dir).resolve())
-    offline = bool(os.environ.get(ENV))
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=not offline)
-    lm = DSV3LM(ckpt, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
-    metrics: dict[str, float] = {}
-    raw: dict[str, Any] = {}
-    out = Path(out_dir or tempfile.mkdtemp(prefix="dsv3-eval-"))
-    out.mkdir(parents=True, exist_ok=True)
-    for bench in cfg.tasks:
-        t0 = time.time()
-        tasks = [task_name(bench, offline)]
-        if bench == "mmlu" and cfg.mmlu_subjects:
-            tasks = [f"{tasks[0]}_{s}" for s in cfg.mmlu_subjects]
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
-            limit=cfg.limit, task_manager=tm, log_samples=cfg.log_samples, confirm_run_unsafe_code=True,
-            gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
-            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed)
-        m = summarize(bench, res)
-        m[f"eval/{bench}/seconds"] = time.time() - t0
-        metrics.update(m)
-        raw[bench] = {k: res.get(k) for k in ("results", "groups", "n-shot", "n-samples", "higher_is_better")}
-        (out / f"{bench}_results.json").write_text(json.dumps(raw[bench], indent=1, default=str))
-        if cfg.log_samples:
-            with open(out / f"{bench}_samples.jsonl", "w") as f:
-                for task, rows in res.get("samples", {}).items():
-                    for r in rows:
-                        f.write(json.dumps({"task": task, **r}, default=str) + "\n")
-        if on_result:
-            on_result(bench, m)
-    if cfg.bpb_shards:
-        metrics.update(bits_per_byte(lm, cfg.bpb_shards, cfg.bpb_split, cfg.bpb_max_tokens,
-                                     min(cfg.bpb_seq_len, lm.max_length)))
-    table = results_table({"this": metrics})
+    out = Path(out)
+    table = results_table({run_name or "eval": metrics})
     (out / "results.md").write_text(table)
     (out / "eval_config.json").write_text(cfg.model_dump_json(indent=1))
-    run_id = _track(ckpt, cfg, metrics, out, run_name) if tracking else None
-    return {"metrics": metrics, "results": raw, "run_id": run_id, "table": table, "out_dir": str(out),
-            "offline": offline}
+    return table, (_track(ckpt, cfg, metrics, out, run_name) if tracking else None)
+
+
+def evaluate(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True, run_name: str | None = None,
+             out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the configured benchmarks (+ bpb) on `ckpt`; returns {"metrics", "run_id", "table", ...}."""
+    cfg = cfg or EvalConfig()
+    out = Path(out_dir or tempfile.mkdtemp(prefix="dsv3-eval-"))
+    metrics: dict[str, float] = {}
+    for bench in cfg.tasks:
+        metrics.update(run_benchmark(ckpt, bench, cfg, out))
+    if cfg.bpb_shards:
+        metrics.update(run_bpb(ckpt, cfg))
+    table, run_id = finish(ckpt, cfg, metrics, out, tracking, run_name)
+    return {"metrics": metrics, "run_id": run_id, "table": table, "out_dir": str(out), "offline": is_offline(cfg)}
 
 
 def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str | None) -> str:
