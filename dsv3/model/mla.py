@@ -74,11 +74,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,S,dqk]
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # [B,H,S,dv]
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        o = _sdpa(q, k, v.transpose(1, 2), mask, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
 
     def _attend_expanded(self, q_nope, q_pe, latent, pe, mask) -> torch.Tensor:
@@ -89,7 +85,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        o = _sdpa(q, k, v.transpose(1, 2), mask, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def _forward_absorbed(self, x, rope, mask, cache) -> torch.Tensor:
@@ -115,3 +111,17 @@ class MLA(nn.Module):
         o = torch.bmm(probs.view(B, S * H, end), latent.to(x.dtype)).view(B, S, H, r)
         o = torch.einsum("bshr,hvr->bshv", o, w_uv.to(o.dtype))
         return self.o_proj(o.reshape(B, S, H * self.v_dim))
+
+
+def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
+    """SDPA; in half precision v is zero-padded to the q/k head dim, which lets PyTorch's
+    fused CPU kernel run (~25% faster fwd+bwd than the unequal-dim fallback), then cut."""
+    dv, dqk = v.shape[-1], q.shape[-1]
+    pad = q.dtype in (torch.bfloat16, torch.float16) and dv < dqk
+    if pad:
+        v = F.pad(v, (0, dqk - dv))
+    if mask is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return o[..., :dv] if pad else o
