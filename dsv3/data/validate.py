@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,13 @@ class Report:
     text: str
     docs_path: str | None = None
     results: dict = field(default_factory=dict)
+
+
+def _sample(x, regex: str | None) -> str:
+    """A short sample of an unexpected value; for PII patterns the match itself, masked."""
+    if regex and (m := re.search(regex, str(x))):
+        return f"...{m.group(0)[:4]}*** (at char {m.start()})"
+    return str(x)[:60]
 
 
 def _docs_frame(out: Path):
@@ -140,7 +148,7 @@ def validate(out: str | Path, cfg: DataConfig | None = None, gx_root: str | Path
                 if not r.success:
                     n_fail += 1
                     kw = {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"}
-                    sample = [str(x)[:60] for x in (r.result.get("partial_unexpected_list") or [])[:3]]
+                    sample = [_sample(x, kw.get("regex")) for x in (r.result.get("partial_unexpected_list") or [])[:3]]
                     lines.append(f"  FAIL {r.expectation_config.type} {kw}: "
                                  f"{r.result.get('unexpected_count', '?')} unexpected, e.g. {sample}")
         results[name] = {"success": bool(res.success), "expectations": len(exps), "failed": n_fail}

@@ -93,6 +93,7 @@ def prefect_harness():
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_prefect_flow_logs_version_and_stats(repo, prefect_harness, tmp_path, monkeypatch):
     import mlflow

@@ -113,9 +113,7 @@ def test_hf_source_offline_clear_error(tmp_path):
     assert r.returncode == 2 and "cannot stream Hugging Face dataset 'nobody/no-such-dataset'" in r.stderr
 
 
-def test_gx_suite_fails_on_planted_pii_and_bad_ids(curated, tmp_path):
-    from dsv3.data.validate import validate
-
+def test_gx_suite_fails_on_planted_pii_and_bad_ids(curated, tmp_path, capsys):
     out, cfg, _ = curated
     bad = tmp_path / "bad"
     shutil.copytree(out / "curated", bad / "curated")
@@ -128,10 +126,14 @@ def test_gx_suite_fails_on_planted_pii_and_bad_ids(curated, tmp_path):
     a = np.fromfile(raw, dtype=np.uint16)
     a[1] = 60000  # token id beyond the vocabulary
     a.tofile(raw)
-    rep = validate(bad, cfg)
-    assert not rep.success
-    assert rep.results["curated_docs"]["failed"] >= 3 and not rep.results["token_shards"]["success"]
-    assert rep.results["shard_totals"]["success"]
-    assert "expect_column_values_to_not_match_regex" in rep.text and "expect_column_values_to_be_unique" in rep.text
-    assert rep.docs_path and Path(rep.docs_path.removeprefix("file://")).is_file()
-    assert "Data Docs: file://" in rep.text
+    from dsv3.cli import main
+
+    capsys.readouterr()
+    assert main(["data", "validate", str(bad)]) == 1  # a failing suite exits non-zero
+    text = capsys.readouterr().out
+    assert "FAIL suite curated_docs" in text and "FAIL suite token_shards" in text
+    assert "PASS suite shard_totals" in text
+    assert "expect_column_values_to_not_match_regex" in text and "expect_column_values_to_be_unique" in text
+    assert "...bob@***" in text and "bob@corp" not in text  # offending match shown, masked
+    docs = text.split("Data Docs: ")[1].split()[0]
+    assert docs.startswith("file://") and Path(docs.removeprefix("file://")).is_file()
