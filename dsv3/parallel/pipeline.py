@@ -338,6 +338,31 @@ class DualPipe(PipelineSchedule):
 
     kind = "dualpipe"
 
+    @torch.no_grad()
+    def sync_grads(self) -> None:
+        """Sum the grads of the two copies of each stage (stage r lives on ranks r and PP-1-r, §3.2.1):
+        ranks r and PP-1-r exchange the grads of their (same two) stages, ordered by stage index and
+        de-duplicated by tensor (a parameter shared by both stages, e.g. the MTP embedding, counts once)."""
+        partner = self.num_ranks - 1 - self.rank
+        mods = [self.module[0], self.module[1]] if self.rank < partner else [self.module[1], self.module[0]]
+        params, seen = [], set()
+        for m in mods:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        other = torch.empty_like(flat)
+        ops = [dist.P2POp(dist.isend, flat, self._global[partner], self.group),
+               dist.P2POp(dist.irecv, other, self._global[partner], self.group)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        total, off = flat + other, 0
+        for p in params:
+            n = p.numel()
+            p.grad = total[off:off + n].view_as(p).clone()
+            off += n
+
 
 class DualPipeV(PipelineSchedule):
     """DualPipe cut in half ("V" shape): `modules=(stage r, stage 2*PP-1-r)`; the first rank feeds inputs
