@@ -110,9 +110,16 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, res
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"threads": max(1, (os.cpu_count() or 1) // n)})})
     ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+    from dsv3.train.loop import shard_dir, tokenizer_dir
+
     out = Path(cfg.train.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"out_dir": str(out)})})
+    upd = {"out_dir": str(out), "shards": str(Path(shard_dir(cfg)).resolve())}  # workers' cwd differs
+    if tokenizer_dir(cfg):
+        upd["tokenizer"] = str(Path(tokenizer_dir(cfg)).resolve())
+    if cfg.train.init_from and Path(cfg.train.init_from).exists():
+        upd["init_from"] = str(Path(cfg.train.init_from).resolve())
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=upd)})
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS") if k in os.environ}
     if "MLFLOW_TRACKING_URI" not in env:
         env["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path("mlruns.db").resolve())

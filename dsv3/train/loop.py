@@ -294,6 +294,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
         last_ckpt_step = state["step"]
         last_val: dict = {}
         s = state["step"]
+        injected: set[int] = set()
         while s < t.steps:
             t0 = time.perf_counter()
             lr = sched.lr(s)
@@ -309,8 +310,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 with autocast_ctx(t.precision, device):
                     out = model(xb, labels=xb)
                 loss = out.loss
-                if (s + 1) in t.debug_nan_steps:
-                    loss = loss * float("nan")
+                if (s + 1) in t.debug_nan_steps and (s + 1) not in injected:
+                    loss = loss * float("nan")  # a bad batch: seen once (the data moves on after a rollback)
                 (loss / acc).backward()
                 parts = [loss.detach(), out.main_loss.detach(), out.balance_loss.detach(),
                          *[m.detach() for m in out.mtp_losses]]
@@ -347,6 +348,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 state["skipped"] += 1
                 _say(f"[{stage}] step {s + 1}: {'non-finite' if not math.isfinite(loss_val) else 'spike'} "
                      f"loss {loss_val:.4g} grad_norm {grad_norm:.4g}: update skipped", rank)
+            if (s + 1) in t.debug_nan_steps:
+                injected.add(s + 1)
             opt.zero_grad(set_to_none=True)
             state["data_pos"] += B
             state["tokens"] += B * t.seq_len
@@ -403,7 +406,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                     state["bad"] = 0
             if s % t.eval_every == 0 or s == t.steps:
                 last_val = do_eval(s)
-            if s % t.ckpt_every == 0 or s == t.steps:
+            if (s % t.ckpt_every == 0 and state["bad"] == 0) or s == t.steps:  # never checkpoint a bad streak
                 save_ckpt(s)
                 last_ckpt_step = s
 
