@@ -9,7 +9,10 @@ Design choices
   `tok_encode` BOS logic, the same rolling windows), so per-request log-likelihoods agree
   with `hf` on the same checkpoint to float precision (tests/evals/test_crosscheck.py).
 - Scoring (`_loglikelihood_tokens`): requests are de-duplicated by their input tokens (the
-  4 MMLU answer letters share one forward), sorted by length (longest first: an OOM shows
+  4 MMLU answer letters share one forward). Inputs sharing a long prefix (MMLU: description +
+  the same 5 `first_n` dev shots for a whole subject, ~80% of the tokens) run that prefix once
+  through `forward_step` into the MLA latent cache, which is copied to every row of a batch of
+  suffixes (§2.1.1: the cache is only r + rope floats per token). Other inputs are sorted by length (longest first: an OOM shows
   up at once, and padding is minimal), right-padded and run through the trunk with the
   plain causal mask (right padding never leaks into real positions). Only the positions
   that score continuation tokens go through `norm` + `lm_head` + log-softmax: with a large
@@ -74,7 +77,7 @@ class DSV3LM(TemplateLM):
     def __init__(self, pretrained: str, batch_size: int | str = 16, max_batch_size: int | None = None,
                  device: str | None = "cpu", dtype: str = "float32", max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool | None = None, stop_check_every: int = 4,
-                 **kwargs):
+                 min_prefix: int = 32, **kwargs):
         super().__init__()
         if kwargs:
             log.info("dsv3 adapter: ignoring model_args %s", sorted(kwargs))
@@ -87,6 +90,7 @@ class DSV3LM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.stop_check_every = max(1, int(stop_check_every))
+        self.min_prefix = int(min_prefix)  # 0 disables prefix sharing
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
     @property
@@ -132,9 +136,49 @@ class DSV3LM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ---- scoring --------------------------------------------------------------------------------
-    @torch.no_grad()
     def _score(self, inps: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
-        """For each input, log-softmax [n_last, V] at its last n_last positions."""
+        """For each input, log-softmax [n_last, V] at its last n_last positions. Inputs that
+        share a prefix of >= `min_prefix` tokens (MMLU's description + 5 first_n shots) run the
+        prefix once into the latent cache and only their suffixes per row."""
+        out: list[torch.Tensor | None] = [None] * len(inps)
+        singles = []
+        for group, P in _prefix_groups(inps, n_last, self.min_prefix):
+            if len(group) == 1 or P <= 0:
+                singles += group
+            else:
+                for s in range(0, len(group), self.batch_size):
+                    chunk = group[s:s + self.batch_size]
+                    for i, lp in zip(chunk, self._score_prefixed([inps[i] for i in chunk], P,
+                                                                 [n_last[i] for i in chunk])):
+                        out[i] = lp
+        for i, lp in zip(singles, self._score_plain([inps[i] for i in singles], [n_last[i] for i in singles])):
+            out[i] = lp
+        return out
+
+    @torch.no_grad()
+    def _score_prefixed(self, inps: list[list[int]], P: int, n_last: list[int]) -> list[torch.Tensor]:
+        m, B = self.model, len(inps)
+        S = max(len(x) for x in inps) - P
+        pad = self.tokenizer.pad_token_id or 0
+        one = m.new_cache(1, P)
+        m.forward_step(torch.tensor([inps[0][:P]], device=self.device), one)
+        cache = m.new_cache(B, P + S)
+        for src, dst in zip(one.layers, cache.layers):
+            dst.latent[:, :P] = src.latent[:, :P]
+            dst.pe[:, :P] = src.pe[:, :P]
+        cache.valid[:, :P] = True
+        cache.length = P
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        am = torch.zeros((B, S), dtype=torch.long)
+        for r, x in enumerate(inps):
+            ids[r, :len(x) - P] = torch.tensor(x[P:])
+            am[r, :len(x) - P] = 1
+        logits = m.forward_step(ids.to(self.device), cache, am.to(self.device))
+        return [F.log_softmax(logits[r, len(x) - P - k:len(x) - P].float(), -1).cpu()
+                for r, (x, k) in enumerate(zip(inps, n_last))]
+
+    @torch.no_grad()
+    def _score_plain(self, inps: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
         m, out = self.model, [None] * len(inps)
         order = sorted(range(len(inps)), key=lambda i: -len(inps[i]))
         pad = self.tokenizer.pad_token_id or 0
@@ -254,3 +298,32 @@ class DSV3LM(TemplateLM):
                 break
             logits = m.forward_step(nxt[:, None].to(self.device), cache)[:, -1]
         return [postprocess_generated_text(self.tok_decode(t), until, None) for t in new]
+
+
+def _lcp(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _prefix_groups(inps, n_last, min_prefix: int):
+    """Group inputs (sorted lexicographically) whose common prefix, short of every member's
+    scored tail, is >= min_prefix tokens; yields (indices, prefix_len), prefix_len 0 = none."""
+    if not inps:
+        return
+    if min_prefix <= 0:
+        yield list(range(len(inps))), 0
+        return
+    order = sorted(range(len(inps)), key=lambda i: inps[i])
+    cur, P = [order[0]], len(inps[order[0]]) - n_last[order[0]]
+    for i in order[1:]:
+        newP = min(P, _lcp(inps[cur[-1]], inps[i]), len(inps[i]) - n_last[i])
+        if newP >= min_prefix:
+            cur.append(i)
+            P = newP
+        else:
+            yield cur, (P if len(cur) > 1 else 0)
+            cur, P = [i], len(inps[i]) - n_last[i]
+    yield cur, (P if len(cur) > 1 else 0)

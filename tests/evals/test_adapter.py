@@ -98,3 +98,26 @@ def test_generate_stops_early_when_all_rows_stop(lm):
     (out,) = lm.generate_until([Instance("generate_until", {}, ("x", any_char), 0)])
     assert time.time() - t < 3.0  # stopped after a few steps, not 400
     assert len(out) < 40
+
+
+def test_shared_prefix_path_matches_plain_path(lm):
+    from dsv3.evals.adapter import _prefix_groups
+
+    shots = "".join(f"Question {i}: which organ pumps blood?\nA. lung\nB. heart\nAnswer: B\n\n" for i in range(5))
+    pairs = [(shots + q, c) for q in ("Which is a field?\nAnswer:", "How many lungs?\nAnswer:", "x?\nAnswer:")
+             for c in (" A", " B", " lungs")] + [("def add(a, b):", " return")]
+    reqs = [_ll(*p) for p in pairs]
+    inps = [lm._encode_pair(*p) for p in pairs]
+    flat = [(c + x)[:-1] for c, x in inps]
+    groups = list(_prefix_groups(flat, [len(x) for _, x in inps], 32))
+    assert sorted(len(g) for g, _ in groups) == [1, 9] and max(P for _, P in groups) >= 100
+    shared = lm.loglikelihood(reqs)
+    lm.min_prefix = 0
+    try:
+        plain = lm.loglikelihood(reqs)
+    finally:
+        lm.min_prefix = 32
+    for (a, ga), (b, gb) in zip(shared, plain):
+        assert abs(a - b) < 1e-4 and ga == gb
+    for p, (a, _) in zip(pairs, shared):
+        assert abs(a - _direct(lm, *p)) < 1e-4
