@@ -54,6 +54,10 @@ def _row_scales(sb: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return sb.float().repeat_interleave(block, 0)[:n]
 
 
+def _pad_k(t: torch.Tensor, pad: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
 def fp8_gemm_emulated(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                       out_dtype: torch.dtype = torch.float32, block: int = BLOCK) -> torch.Tensor:
     m, k = a.shape
@@ -63,12 +67,12 @@ def fp8_gemm_emulated(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: to
     sa = sa.float()
     pad = kb * block - k
     # [kb, block, N] float64 (zero padding of K adds exact zeros)
-    b64 = torch.nn.functional.pad(b.to(torch.float64), (0, pad)).view(n, kb, block).permute(1, 2, 0)
+    b64 = _pad_k(b.to(torch.float64), pad).reshape(n, kb, block).permute(1, 2, 0)
     out = torch.empty((m, n), dtype=torch.float32, device=a.device)
     rows = max(1, _CHUNK_ELEMS // max(1, n * kb))
     for r0 in range(0, m, rows):
-        a64 = torch.nn.functional.pad(a[r0:r0 + rows].to(torch.float64), (0, pad))
-        a64 = a64.view(-1, kb, block).transpose(0, 1)  # [kb, rows, block]
+        a64 = _pad_k(a[r0:r0 + rows].to(torch.float64), pad)
+        a64 = a64.reshape(-1, kb, block).transpose(0, 1)  # [kb, rows, block]
         part = torch.bmm(a64, b64).to(torch.float32)  # exact per 128-group, then one rounding
         acc = torch.zeros((a64.shape[1], n), dtype=torch.float32, device=a.device)
         for j in range(kb):  # promotion: scale and accumulate in FP32, in K order

@@ -86,7 +86,9 @@ def weight_quant(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     nb, kb = cdiv(n, block), cdiv(k, block)
-    wp = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
+    wp = w.float()
+    if (nb * block, kb * block) != (n, k):
+        wp = torch.nn.functional.pad(wp, (0, kb * block - k, 0, nb * block - n))
     blocks = wp.view(nb, block, kb, block)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=AMAX_EPS)
     scale = amax / FP8_MAX

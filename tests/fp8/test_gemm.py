@@ -63,6 +63,8 @@ def test_leading_dims_dtype_and_errors():
     c3 = fp8_gemm(aq.view(3, 4, 256), sa.view(3, 4, 2), bq, sb, out_dtype=torch.bfloat16)
     assert c3.shape == (3, 4, 20) and c3.dtype == torch.bfloat16
     assert torch.equal(c3.view(12, 20), fp8_gemm(aq, sa, bq, sb).bfloat16())
+    nc = lambda t: t.t().contiguous().t()  # noqa: E731  same values, column-major strides
+    assert torch.equal(fp8_gemm(nc(aq), sa, nc(bq), sb), fp8_gemm(aq, sa, bq, sb))
     with pytest.raises(ValueError):
         fp8_gemm(aq, sa, bq[:, :128], sb[:, :1])
     with pytest.raises(ValueError):
