@@ -96,7 +96,8 @@ def _train_worker(config: dict) -> None:
 
 def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, resume: bool = False,
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
-                 tags: dict | None = None, address: str | None = None, progress: bool = True) -> dict:
+                 tags: dict | None = None, address: str | None = None, progress: bool = True,
+                 placement_strategy: str = "PACK") -> dict:
     """Run `dsv3.train.loop.train` data-parallel on Ray Train; returns its result.json."""
     import json
     import threading
@@ -130,7 +131,8 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, res
     log_path.write_text("") if not resume else log_path.touch()
     trainer = TorchTrainer(
         _with_env(env), train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1},
+                                     placement_strategy=placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"{cfg.name}-{stage}-{config['launch_id'][:8]}", storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
