@@ -30,6 +30,10 @@ PATTERNS = {
     "ipv4": re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{3})[ .-]\d{3,4}[ .-]\d{4}(?!\w)"),
 }
+# cheap substring guards: a pattern only runs when one of its literal anchors occurs (speed, same output)
+GUARDS = {"private_key": ("PRIVATE KEY",), "aws_key": ("AKIA", "ASIA", "ABIA", "ACCA"), "email": ("@",),
+          "token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "sk-", "AIza", "eyJ", "aws_secret", "AWS_SECRET",
+                    "Aws_Secret")}
 PLACEHOLDER = {k: f"[{k.upper()}]" for k in PATTERNS}
 RESIDUAL_PATTERNS = {k: PATTERNS[k].pattern for k in ("private_key", "aws_key", "email")}
 
@@ -61,6 +65,8 @@ def scrub_text(text: str, cfg: DataConfig, stats: Counter | None = None) -> str:
     keep = cfg.pii.keep_private_ips
     for kind in cfg.pii.kinds:
         pat, ph = PATTERNS[kind], PLACEHOLDER[kind]
+        if kind in GUARDS and not any(g in text for g in GUARDS[kind]):
+            continue
 
         def sub(m: re.Match) -> str:
             if not _accept(kind, m.group(0), keep):

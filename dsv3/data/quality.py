@@ -19,6 +19,7 @@ from dsv3.data.config import DataConfig
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
 _WORD = re.compile(r"\S+")
+_NON_ALNUM = re.compile(r"[\W_]+")  # removing these leaves the alphanumeric characters
 
 
 def _dup_fracs(items: list[str]) -> tuple[float, float]:
@@ -87,7 +88,7 @@ def code_checks(text: str, q) -> list[tuple[str, bool]]:
     lines = text.split("\n")
     lens = [len(l) for l in lines]
     nontrivial = [l.strip() for l in lines if len(l.strip()) > 10]
-    alnum = sum(ch.isalnum() for ch in text) / max(1, len(text))
+    alnum = len(_NON_ALNUM.sub("", text)) / max(1, len(text))
     return [("code_min_lines", len(lines) >= q.code_min_lines),
             ("code_max_line_len", max(lens) <= q.code_max_line_len),
             ("code_mean_line_len", sum(lens) / len(lines) <= q.code_max_mean_line_len),
