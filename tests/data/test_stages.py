@@ -66,6 +66,7 @@ def test_pii_luhn_and_private_ips():
     cfg = DataConfig()
     assert pii.scrub_text("card 4111 1111 1111 1112 ok", cfg) == "card 4111 1111 1111 1112 ok"
     assert pii.scrub_text("bind 127.0.0.1 and 10.0.0.7 and ::1", cfg) == "bind 127.0.0.1 and 10.0.0.7 and ::1"
+    assert pii.scrub_text('Aws_Secret_Access_Key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"', cfg) == "[TOKEN]\""
     strict = DataConfig(pii={"keep_private_ips": False})
     assert pii.scrub_text("bind 10.0.0.7", strict) == "bind [IPV4]"
 
