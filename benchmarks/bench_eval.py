@@ -2,9 +2,10 @@
 checkpoint, same requests, same batch size, same process (target >= 2x).
 
 The checkpoint is a random `small`-preset model (8K vocabulary) with a byte-level BPE
-tokenizer; requests are MMLU-shaped: N questions with a ~5-shot context and the 4 answer
-letters as continuations. Both backends share one-token continuations across a question;
-ours also skips norm + lm_head + log-softmax at every position that scores nothing.
+tokenizer; requests are MMLU-shaped as lm-eval builds them: per subject the same description + 5
+`first_n` dev shots, then the question, with the 4 answer letters as continuations. Both
+backends share one-token continuations across a question; ours also runs each subject's
+shared prefix once into the latent cache and skips lm_head at positions that score nothing.
     python benchmarks/bench_eval.py [--questions 48] [--batch-size 16] [--preset small]
 """
 
@@ -62,10 +63,11 @@ def mmlu_like_requests(n_questions: int):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40))) + "?\n" + opts + "\nAnswer:"
 
     reqs = []
-    for i in range(n_questions):
+    for subject in range(max(1, n_questions // 12)):  # lm-eval's MMLU: the same first_n 5 dev shots per subject
         shots = "".join(q() + " " + rng.choice("ABCD") + "\n\n" for _ in range(5))
-        ctx = "The following are multiple choice questions (with answers).\n\n" + shots + q()
-        reqs += [Instance("loglikelihood", {}, (ctx, " " + L), i) for L in "ABCD"]
+        for i in range(12):
+            ctx = f"The following are multiple choice questions (with answers) about subject {subject}.\n\n" + shots + q()
+            reqs += [Instance("loglikelihood", {}, (ctx, " " + L), len(reqs)) for L in "ABCD"]
     return reqs
 
 

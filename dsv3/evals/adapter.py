@@ -310,7 +310,8 @@ def _lcp(a, b) -> int:
 
 def _prefix_groups(inps, n_last, min_prefix: int):
     """Group inputs (sorted lexicographically) whose common prefix, short of every member's
-    scored tail, is >= min_prefix tokens; yields (indices, prefix_len), prefix_len 0 = none."""
+    scored tail, is >= min_prefix tokens; a new group starts where joining would at least halve
+    the prefix (a new MMLU subject). Yields (indices, prefix_len), prefix_len 0 = none."""
     if not inps:
         return
     if min_prefix <= 0:
@@ -320,7 +321,7 @@ def _prefix_groups(inps, n_last, min_prefix: int):
     cur, P = [order[0]], len(inps[order[0]]) - n_last[order[0]]
     for i in order[1:]:
         newP = min(P, _lcp(inps[cur[-1]], inps[i]), len(inps[i]) - n_last[i])
-        if newP >= min_prefix:
+        if newP >= min_prefix and 2 * newP >= P:  # joining must not halve the shared prefix
             cur.append(i)
             P = newP
         else:
