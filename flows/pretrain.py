@@ -42,8 +42,11 @@ def extend_task(cfg: RunConfig, checkpoint: str, parent_run_id: str, use_ray: bo
 
 
 @flow(name="pretrain", log_prints=True)
-def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, repo: str = ".") -> dict:
-    """Data (DVC + GX) -> pretrain (Ray Train) -> context extension (YaRN), tracked in MLflow."""
+def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, extend_on_ray: bool = False,
+                  repo: str = ".") -> dict:
+    """Data (DVC + GX) -> pretrain (Ray Train) -> context extension (YaRN), tracked in MLflow.
+    The short extension stages run in-process by default (a Ray Train launch costs ~20-30 s
+    on a 2-core CPU); `extend_on_ray=True` runs them on Ray too."""
     from dsv3 import tracking
 
     out: dict = {}
@@ -66,7 +69,7 @@ def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, r
         pre = pretrain_task(cfg, pid, use_ray, tags)
         out["pretrain"] = pre
         if cfg.train.extend.enabled and cfg.train.extend.stages:
-            ext = extend_task(cfg, pre["checkpoint"], pid, use_ray)
+            ext = extend_task(cfg, pre["checkpoint"], pid, use_ray and extend_on_ray)
             out["extend"] = ext
         final = out.get("extend", pre)
         tracking.set_tags({"checkpoint_uri": final["checkpoint"], "model_dir": final["model_dir"],

@@ -8,7 +8,8 @@ only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages
   "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
   "mscale": 1.0, "mscale_all_dim": 1.0} and max_position_embeddings = s·L0,
 - runs `loop.train` (or the Ray launcher) from the previous stage's checkpoint at the
-  stage's sequence length with a constant LR (no warmup/decay), MTP λ at its late
+  stage's sequence length with a constant LR (no warmup/decay; one validation batch at
+  the end, no EMA: these stages are short), MTP λ at its late
   value and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
 - is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
   depths) of the base model before and of the final model after, and registers it.
@@ -48,7 +49,8 @@ def stage_config(cfg, i: int, init_from: str, L0: int):
         seq_len=st.seq_len, batch_size=st.batch_size, steps=st.steps, lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
         init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir) / f"extend_{i + 1}"),
-        eval_every=st.steps, ckpt_every=st.steps, register_model=False, debug_nan_steps=[],
+        eval_every=st.steps, ckpt_every=st.steps, eval_batches=1, ema=False, register_model=False,
+        debug_nan_steps=[],
         debug_kill_rank_at_step=None))
     return cfg.model_copy(update={"model": m, "train": t, "name": f"{cfg.name}-extend{i + 1}"})
 
