@@ -180,7 +180,9 @@ class RewardModel(nn.Module):
 
         out = Path(out_dir)
         self.backbone.save_pretrained(out)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / "reward_head.safetensors"))
+        (out / "reward_head").mkdir(exist_ok=True)  # a subfolder: the backbone loader globs *.safetensors
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
+                  str(out / "reward_head" / "head.safetensors"))
 
     @classmethod
     def load(cls, path: str | Path) -> "RewardModel":
@@ -189,7 +191,7 @@ class RewardModel(nn.Module):
         from dsv3 import DeepSeekV3
 
         rm = cls(DeepSeekV3.from_pretrained(path))
-        rm.head.load_state_dict(load_file(str(Path(path) / "reward_head.safetensors")))
+        rm.head.load_state_dict(load_file(str(Path(path) / "reward_head" / "head.safetensors")))
         return rm
 
 
@@ -267,7 +269,7 @@ def pairwise_accuracy(rm: RewardModel, tok, pairs: list[dict], batch_size: int =
     hits = 0
     for (ids, mask), n in _pair_batches(pairs, tok, batch_size):
         s = rm(ids, mask)
-        hits += int((s[:n] > s[n:]).sum())
+        hits += float((s[:n] > s[n:]).sum()) + 0.5 * float((s[:n] == s[n:]).sum())  # ties: half
     rm.train()
     return hits / max(len(pairs), 1)
 
@@ -294,10 +296,10 @@ def train_reward_model(rm: RewardModel, tok, pairs: list[dict], cfg, log=None) -
             opt.step()
             step += 1
             if log:
-                log({"rm/loss": loss.item()}, step)
+                log({"rm/loss": loss.detach().item()}, step)
         acc = pairwise_accuracy(rm, tok, val)
         if log:
             log({"rm/val_pair_acc": acc}, step)
-    res.update({"val/pair_acc": acc, "train/loss": float(loss), "steps": step,
+    res.update({"val/pair_acc": acc, "train/loss": float(loss.detach()), "steps": step,
                 "n_train": len(train), "n_val": len(val)})
     return res

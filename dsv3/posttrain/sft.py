@@ -92,6 +92,15 @@ def save_checkpoint(model, tok, out_dir: str | Path) -> str:
     return str(p)
 
 
+def _param_groups(model, wd: float):
+    """dsv3.train's grouping (no decay on norms/biases) when available."""
+    try:
+        from dsv3.train.optim import param_groups
+    except ImportError:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": wd}]
+    return param_groups(model, wd)
+
+
 def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cfg,
               out_dir: str | Path | None = None, log=None) -> dict:
     """SFT in place on `model`; returns {'train/loss', 'val/loss', 'val/loss_before', 'steps', 'ckpt'}."""
@@ -104,7 +113,7 @@ def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cf
                       shuffle=False)
     per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     res = {"val/loss_before": evaluate(model, va) if va else float("nan")}
     log({"val/loss": res["val/loss_before"]}, 0)
     model.train()
@@ -124,7 +133,7 @@ def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cf
             opt.step()
             step += 1
             ntok += int(am.sum())
-            log({"sft/loss": loss.item(), "sft/main_loss": float(out.main_loss), "sft/lr": lr,
+            log({"sft/loss": loss.detach().item(), "sft/main_loss": out.main_loss.detach().item(), "sft/lr": lr,
                  "sft/grad_norm": float(gn), "sft/epoch": ep,
                  "perf/tokens_per_s": ntok / (time.perf_counter() - t0)}, step)
             if va and step % cfg.eval_every == 0:
@@ -133,7 +142,7 @@ def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cf
                 save_checkpoint(model, tok, Path(out_dir) / f"step-{step}")
     res["val/loss"] = evaluate(model, va) if va else float("nan")
     log({"val/loss": res["val/loss"]}, step)
-    res.update({"train/loss": float(loss), "steps": step, "n_train": len(tr)})
+    res.update({"train/loss": float(loss.detach()), "steps": step, "n_train": len(tr)})
     if out_dir:
         res["ckpt"] = save_checkpoint(model, tok, out_dir)
     return res

@@ -32,6 +32,24 @@ def tiny_model(tok, seed=0, **kw):
     from dsv3 import DeepSeekV3, ModelConfig
 
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+    kw = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+          "pad_token_id": tok.pad_token_id, **kw}
+    cfg = ModelConfig.preset("tiny", **kw)
     return DeepSeekV3(cfg)
+
+
+@pytest.fixture(scope="session")
+def sft_result(tok, tmp_path_factory):
+    """A tiny model SFT'd (briefly: format learnt, sums only partly) on the built-in a+b task."""
+    from dsv3.posttrain.config import SFTConfig
+    from dsv3.posttrain.grpo import arithmetic_task
+    from dsv3.posttrain.sft import train_sft
+
+    probs = arithmetic_task(300, seed=0, max_operand=4)
+    m = tiny_model(tok)
+    out = tmp_path_factory.mktemp("sft") / "ckpt"
+    logged = []
+    res = train_sft(m, tok, probs[:200], probs[200:230],
+                    SFTConfig(max_steps=70, epochs=10, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=35),
+                    out_dir=out, log=lambda d, s: logged.append((s, d)))
+    return {"model": m, "res": res, "ckpt": out, "logged": logged}

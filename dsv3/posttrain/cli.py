@@ -1,0 +1,96 @@
+"""`dsv3 sft | reward | grpo | distill`: each post-training stage on its own (DeepSeek-V3 §5).
+
+Every command takes the run config (`--config` YAML + `--set key=value`), an input
+checkpoint URI (path, runs:/, models:/) and an output directory, and is one MLflow run
+(`dsv3.posttrain.pipeline`). `dsv3 sft` generates the SFT data first unless `--data`
+points at an existing `sft_train.jsonl` (its `sft_val.jsonl` sibling is the validation set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _cfg(a):
+    from dsv3.config import RunConfig
+
+    return RunConfig.load(a.config, a.set)
+
+
+def _data(cfg, path: str | None) -> dict:
+    from dsv3.posttrain import pipeline
+
+    if path:
+        p = Path(path)
+        return {"train": str(p), "val": str(p.with_name("sft_val.jsonl"))}
+    return pipeline.stage_data(cfg)
+
+
+def _print(res: dict) -> int:
+    print(json.dumps({k: v for k, v in res.items() if k not in ("history", "records")}, indent=2, default=str))
+    return 0
+
+
+def _sft(a) -> int:
+    from dsv3.posttrain import pipeline
+
+    cfg = _cfg(a)
+    init = a.init or cfg.posttrain.init or pipeline.fresh_init(cfg, Path(a.out) / "init")
+    return _print(pipeline.stage_sft(cfg, init, _data(cfg, a.data), a.out))
+
+
+def _reward(a) -> int:
+    from dsv3.posttrain import pipeline
+
+    cfg = _cfg(a)
+    return _print(pipeline.stage_reward(cfg, a.init, _data(cfg, a.data), a.out))
+
+
+def _grpo(a) -> int:
+    from dsv3.posttrain import pipeline
+
+    res = pipeline.stage_grpo(_cfg(a), a.init, a.out, rm_uri=a.reward_model)
+    for i, h in enumerate(res["history"], 1):
+        print(f"step {i:4d} reward {h['grpo/reward_mean']:.3f} kl {h['grpo/kl']:.4f} "
+              f"clip {h['grpo/clip_frac']:.3f} len {h['grpo/resp_len']:.1f} entropy {h['grpo/entropy']:.3f}")
+    return _print(res)
+
+
+def _distill(a) -> int:
+    from dsv3.posttrain import pipeline
+
+    cfg = _cfg(a)
+    if a.mode:
+        cfg.posttrain.distill.mode = a.mode
+    return _print(pipeline.stage_distill(cfg, a.init, a.teacher, _data(cfg, a.data), a.out))
+
+
+def register(sub) -> None:
+    def common(p, init_required=True):
+        p.add_argument("--config", default=None, help="RunConfig YAML")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--init", required=init_required, help="input checkpoint (path / runs:/ / models:/)")
+        p.add_argument("--out", required=True, help="output checkpoint directory")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on generated chat data (§5.1)")
+    common(p, init_required=False)
+    p.add_argument("--data", default=None, help="existing sft_train.jsonl (default: generate)")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("reward", help="train a Bradley-Terry reward model on preference pairs (§5.2.1)")
+    common(p)
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=_reward)
+
+    p = sub.add_parser("grpo", help="GRPO on the built-in arithmetic task (§5.2.2)")
+    common(p)
+    p.add_argument("--reward-model", default=None, help="reward model dir (used if reward.model_weight > 0)")
+    p.set_defaults(func=_grpo)
+
+    p = sub.add_parser("distill", help="sequence- / token-level distillation from a teacher (§5.4.1)")
+    common(p)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (dsv3 or HF causal LM, same tokenizer)")
+    p.add_argument("--mode", choices=["sequence", "token", "both"], default=None)
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=_distill)

@@ -1,0 +1,182 @@
+"""Post-training stages (DeepSeek-V3 §5) as functions of (config, input URI) -> output dir + run id.
+
+`stage_data` -> `stage_sft` -> `stage_reward` -> `stage_grpo` (-> `stage_distill`): each
+one reads the previous stage's checkpoint by URI (a path, `runs:/`, `models:/`, resolved
+by `dsv3.tracking.resolve_model_uri`), writes an HF-format directory (weights +
+tokenizer) and is one MLflow run (stage tag, parent run id, metrics under its namespace).
+The CLI (`dsv3 sft|reward|grpo|distill`) and `flows/posttrain.py` are thin callers.
+
+`fresh_init` gives the CPU default when no pretrained checkpoint exists yet: a model of
+the run's preset with a byte-level BPE tokenizer trained on the generated data (so the
+whole chain runs on a laptop); with a pretrained checkpoint its tokenizer is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsv3 import tracking
+from dsv3.posttrain.chat import build_chat_tokenizer, load_tokenizer
+from dsv3.posttrain.sft_data import build_sft_dataset, read_dataset, split, write_dataset
+
+
+def load_model(uri: str):
+    from dsv3 import DeepSeekV3
+
+    d = tracking.resolve_model_uri(uri)
+    return DeepSeekV3.from_pretrained(d), load_tokenizer(d), d
+
+
+def _save(model, tok, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+def fresh_init(run_cfg, out_dir: str | Path, seed: int = 0) -> str:
+    """A randomly initialised model of `run_cfg.model` + a tokenizer trained on the SFT data."""
+    from dsv3 import DeepSeekV3
+
+    pt = run_cfg.posttrain
+    recs = build_sft_dataset(pt.data.model_copy(update={"n_arithmetic": min(pt.data.n_arithmetic, 1000)}))
+    tok = build_chat_tokenizer([r["prompt"] + "\n" + r["response"] for r in recs], run_cfg.model.vocab_size)
+    torch.manual_seed(seed)
+    mcfg = run_cfg.model.replace(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _save(DeepSeekV3(mcfg), tok, Path(out_dir))
+
+
+def stage_data(run_cfg, parent_run_id: str | None = None, teacher_uri: str | None = None) -> dict:
+    """Generate the SFT data (optionally rejection-sampled from a teacher) as JSONL + provenance."""
+    d = run_cfg.posttrain.data
+    with tracking.start_run(run_cfg, stage="sft_data",
+                            parent_run_id=parent_run_id) as run:
+        recs = build_sft_dataset(d)
+        prov = {"generator": "dsv3.posttrain.sft_data", "seed": d.seed, "config": d.model_dump()}
+        teacher = teacher_uri or d.teacher
+        if teacher:
+            from dsv3.posttrain.rewards import build_reward
+            from dsv3.posttrain.sft_data import rejection_sample
+
+            model, tok, _ = load_model(teacher)
+            verifiable = [r for r in recs if r["kind"] != "instruction"]
+            kept, st = rejection_sample(model, tok, verifiable, build_reward(run_cfg.posttrain.reward),
+                                        d.samples_per_prompt, d.max_new_tokens, d.temperature,
+                                        teacher_uri=str(teacher))
+            recs = kept + [r for r in recs if r["kind"] == "instruction"]
+            prov.update(teacher=str(teacher), rejection=st)
+            tracking.log_metrics({"data/accept_rate": st["accept_rate"]}, 0)
+        tr, va = split(recs, d.val_fraction, d.seed)
+        mt = write_dataset(tr, d.out_dir, "sft_train", prov)
+        mv = write_dataset(va, d.out_dir, "sft_val", prov)
+        tracking.log_metrics({"data/n_train": mt["n"], "data/n_val": mv["n"]}, 0)
+        tracking.log_dataset_input(mt["sha256"], "sft_train", mt["path"])
+        return {"train": mt["path"], "val": mv["path"], "sha256": mt["sha256"], "run_id": run.info.run_id}
+
+
+def stage_sft(run_cfg, init_uri: str, data: dict, out_dir: str | Path, parent_run_id: str | None = None) -> dict:
+    from dsv3.posttrain.sft import train_sft
+
+    c = run_cfg.posttrain.sft
+    with tracking.start_run(run_cfg, stage="sft",
+                            parent_run_id=parent_run_id, tags={"parent_checkpoint": init_uri}) as run:
+        model, tok, _ = load_model(init_uri)
+        if data.get("sha256"):
+            tracking.log_dataset_input(data["sha256"], "sft_train", data["train"])
+        res = train_sft(model, tok, read_dataset(data["train"]), read_dataset(data["val"]), c, out_dir)
+        tracking.log_metrics({"sft/final_val_loss": res["val/loss"]}, res["steps"])
+        return {**res, "ckpt": str(out_dir), "run_id": run.info.run_id}
+
+
+def stage_reward(run_cfg, init_uri: str, data: dict, out_dir: str | Path, parent_run_id: str | None = None) -> dict:
+    from dsv3.posttrain.rewards import RewardModel, preference_pairs, train_reward_model
+
+    c = run_cfg.posttrain.reward
+    with tracking.start_run(run_cfg, stage="reward",
+                            parent_run_id=parent_run_id, tags={"parent_checkpoint": init_uri}) as run:
+        model, tok, _ = load_model(init_uri)
+        recs = [r for r in read_dataset(data["train"]) if r["kind"] != "code"][: c.rm_pairs]
+        rm = RewardModel(model)
+        res = train_reward_model(rm, tok, preference_pairs(recs, c.seed), c, log=tracking.log_metrics)
+        tracking.log_metrics({"val/pair_acc": res["val/pair_acc"]}, res["steps"])
+        rm.save(out_dir)
+        tok.save_pretrained(str(out_dir))
+        return {**res, "ckpt": str(out_dir), "run_id": run.info.run_id}
+
+
+def _reward_fn(run_cfg, rm_uri: str | None, tok):
+    from dsv3.posttrain.rewards import RewardModel, build_reward
+
+    c = run_cfg.posttrain.reward
+    rm = RewardModel.load(tracking.resolve_model_uri(rm_uri)) if (rm_uri and c.model_weight) else None
+    return build_reward(c, rm, tok)
+
+
+def stage_grpo(run_cfg, init_uri: str, out_dir: str | Path, rm_uri: str | None = None,
+               parent_run_id: str | None = None) -> dict:
+    from dsv3.posttrain.grpo import arithmetic_task, train_grpo
+
+    c = run_cfg.posttrain.grpo
+    with tracking.start_run(run_cfg, stage="grpo",
+                            parent_run_id=parent_run_id, tags={"parent_checkpoint": init_uri,
+                                                               "reward_model": rm_uri}) as run:
+        model, tok, d = load_model(init_uri)
+        problems = arithmetic_task(500, c.seed, c.max_operand)
+        hist = train_grpo(model, tok, problems, _reward_fn(run_cfg, rm_uri, tok), c,
+                          log=tracking.log_metrics, tok_dir=d)
+        _save(model, tok, Path(out_dir))
+        _plot(hist, "grpo/reward_mean", Path(out_dir) / "reward_curve.png")
+        k = max(1, len(hist) // 4)
+        first = sum(h["grpo/reward_mean"] for h in hist[:k]) / k
+        last = sum(h["grpo/reward_mean"] for h in hist[-k:]) / k
+        tracking.log_metrics({"grpo/reward_first_quarter": first, "grpo/reward_last_quarter": last}, len(hist))
+        return {"history": hist, "reward_first": first, "reward_last": last, "ckpt": str(out_dir),
+                "run_id": run.info.run_id}
+
+
+def stage_distill(run_cfg, student_uri: str, teacher_uri: str, data: dict, out_dir: str | Path,
+                  parent_run_id: str | None = None) -> dict:
+    from dsv3.posttrain.distill import distill_sequence, distill_token, load_teacher
+    from dsv3.posttrain.rewards import build_reward
+
+    c = run_cfg.posttrain.distill
+    with tracking.start_run(run_cfg, stage="distill",
+                            parent_run_id=parent_run_id,
+                            tags={"parent_checkpoint": student_uri, "teacher": teacher_uri}) as run:
+        student, tok, _ = load_model(student_uri)
+        teacher = load_teacher(tracking.resolve_model_uri(teacher_uri))
+        train, val = read_dataset(data["train"]), read_dataset(data["val"])
+        res: dict = {}
+        if c.mode in ("sequence", "both"):
+            sft_cfg = run_cfg.posttrain.sft.model_copy(update={"max_steps": c.steps, "lr": c.lr})
+            probs = [r for r in train if r["kind"] in ("arithmetic", "algebra")][: c.steps * c.batch_size]
+            seq = distill_sequence(student, teacher, tok, probs, val, build_reward(run_cfg.posttrain.reward),
+                                   c, sft_cfg, run_cfg.posttrain.data, log=tracking.log_metrics,
+                                   teacher_uri=teacher_uri)
+            res.update({k: v for k, v in seq.items() if k != "records"})
+        if c.mode in ("token", "both"):
+            res.update(distill_token(student, teacher, tok, train, val, c, log=tracking.log_metrics,
+                                     seq_len=run_cfg.posttrain.sft.seq_len))
+        _save(student, tok, Path(out_dir))
+        return {**res, "ckpt": str(out_dir), "run_id": run.info.run_id}
+
+
+def _plot(hist: list[dict], key: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h[key] for h in hist])
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel(key)
+    fig.tight_layout()
+    fig.savefig(path)
+    tracking.log_figure(fig, f"plots/{path.name}")
+    plt.close(fig)

@@ -1,0 +1,132 @@
+"""Prefect flow `posttrain`: SFT data -> SFT -> reward model -> GRPO (-> distillation) (DeepSeek-V3 §5).
+
+Thin by design (DESIGN.md): each task calls one `dsv3.posttrain.pipeline` stage and passes
+checkpoint URIs and MLflow run ids on. MLflow: one parent run `posttrain` with a child run
+per stage (sft_data, sft, reward, grpo, distill); the final model is registered as
+`<tracking.registered_model>-chat`. The flow parameter is the whole `RunConfig`.
+
+Start point, first found: `--init` / `posttrain.init` (path, runs:/, models:/), the latest
+verified pretraining checkpoint under `train.out_dir`, else a fresh model of the preset
+with a tokenizer trained on the generated data (so `make posttrain` runs anywhere on CPU).
+
+    python -m flows.posttrain [--config configs/posttrain_tiny.yaml] [--set k=v ...] [--init URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from prefect import flow, task  # noqa: E402
+
+from dsv3.config import RunConfig  # noqa: E402
+from dsv3.posttrain import pipeline  # noqa: E402
+
+
+def find_init(cfg: RunConfig, out: Path) -> str:
+    if cfg.posttrain.init:
+        return cfg.posttrain.init
+    try:
+        from dsv3.train.checkpoint import latest
+
+        ck = latest(Path(cfg.train.out_dir) / "checkpoints")
+        if ck is not None and (Path(ck) / "model" / "tokenizer.json").is_file():
+            return str(Path(ck) / "model")
+    except Exception:  # noqa: BLE001 - no pretraining run yet
+        pass
+    return pipeline.fresh_init(cfg, out / "init", seed=cfg.posttrain.sft.seed)
+
+
+@task
+def data_task(cfg, pid):
+    return pipeline.stage_data(cfg, parent_run_id=pid)
+
+
+@task
+def sft_task(cfg, init, data, out, pid):
+    return pipeline.stage_sft(cfg, init, data, out, parent_run_id=pid)
+
+
+@task
+def reward_task(cfg, init, data, out, pid):
+    return pipeline.stage_reward(cfg, init, data, out, parent_run_id=pid)
+
+
+@task
+def grpo_task(cfg, init, out, rm, pid):
+    r = pipeline.stage_grpo(cfg, init, out, rm_uri=rm, parent_run_id=pid)
+    return {k: v for k, v in r.items() if k != "history"}
+
+
+@task
+def distill_task(cfg, student, teacher, data, out, pid):
+    return pipeline.stage_distill(cfg, student, teacher, data, out, parent_run_id=pid)
+
+
+@flow(name="posttrain", log_prints=True)
+def posttrain_flow(cfg: RunConfig, init: str | None = None) -> dict:
+    """SFT -> reward model -> GRPO (-> distillation), each stage an MLflow child run; registers the result."""
+    from dsv3 import tracking
+
+    out = Path(cfg.posttrain.out_dir)
+    tags = {}
+    try:
+        from prefect.runtime import flow_run
+
+        tags["prefect_flow_run_id"] = flow_run.id
+    except Exception:  # noqa: BLE001
+        pass
+    res: dict = {}
+    with tracking.start_run(cfg, "posttrain", run_name=f"{cfg.name}-posttrain", tags=tags) as parent:
+        pid = res["run_id"] = parent.info.run_id
+        start = init or find_init(cfg, out)
+        tracking.set_tags({"parent_checkpoint": start})
+        data = res["data"] = data_task(cfg, pid)
+        sft = res["sft"] = sft_task(cfg, start, data, str(out / "sft"), pid)
+        rm = res["reward"] = reward_task(cfg, sft["ckpt"], data, str(out / "reward"), pid)
+        g = res["grpo"] = grpo_task(cfg, sft["ckpt"], str(out / "grpo"), rm["ckpt"], pid)
+        final = g["ckpt"]
+        d = cfg.posttrain.distill
+        if d.enabled:
+            teacher = d.teacher or final  # default: distil the RL'd policy into the SFT student
+            res["distill"] = distill_task(cfg, sft["ckpt"], teacher, data, str(out / "distill"), pid)
+            final = res["distill"]["ckpt"]
+        name = f"{cfg.tracking.registered_model}-chat"
+        version = tracking.register_model(final, name)
+        res.update(final=final, model_uri=f"models:/{name}/{version}")
+        tracking.set_tags({"registered_model": res["model_uri"], "checkpoint_uri": final})
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.posttrain", description=posttrain_flow.__doc__)
+    ap.add_argument("--config", default=None, help="RunConfig YAML (default: CPU defaults, tiny preset)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--init", default=None, help="pretrained checkpoint URI")
+    a = ap.parse_args(argv)
+    from dsv3.model.config import ConfigError
+
+    try:
+        sets = a.set if a.config else ["preset=tiny", *a.set]
+        cfg = RunConfig.load(a.config, sets)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    r = posttrain_flow(cfg, init=a.init)
+    g = r["grpo"]
+    print(f"\nposttrain finished in {(time.time() - t0) / 60:.1f} min; MLflow parent run {r['run_id']}")
+    print(f"SFT val/loss {r['sft']['val/loss_before']:.3f} -> {r['sft']['val/loss']:.3f}; "
+          f"reward model held-out pair acc {r['reward']['val/pair_acc']:.2f}; "
+          f"GRPO reward {g['reward_first']:.3f} -> {g['reward_last']:.3f}")
+    print(f"final model {r['final']} registered as {r['model_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
