@@ -11,9 +11,10 @@ Design:
   same math, only `.grad` accumulation order may differ).
 - P2P: `isend`/`irecv` (gloo on CPU, NCCL on GPU) into buffers shaped by `set_p2p_tensor_shapes` /
   `set_p2p_tensor_dtype`; tags separate activations from gradients and the two directions (gloo matches
-  per tag; for NCCL `schedules.simulate(...)["channels_ok"]` tells whether the order alone suffices).
-  Sends never block; receives of the next op are posted before the current op computes, so transfers
-  overlap compute. DualPipeV's hand-over at the last rank is a local queue, not a message.
+  per tag; NCCL ignores tags, so on NCCL a step checks by simulation that every rank pair's messages
+  come in the expected order, and refuses otherwise). After each op, its sends and the next op's
+  receives are posted as one `batch_isend_irecv` (as the reference commits its comms), so transfers
+  overlap the next compute and a send/recv pair between two ranks cannot block each other. DualPipeV's hand-over at the last rank is a local queue, not a message.
 - An F&B pair runs the forward then the backward with both chunks' receives posted ahead and sends
   issued at once; interleaving the two chunks' compute with their all-to-all (§3.2.2) is the model's
   job (see `expert.py`), not done here.
@@ -161,6 +162,7 @@ class PipelineSchedule(nn.Module):
             raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank, got {len(self.module)}")
         self.shapes, self.dtype = None, None
         self.timeline: list = []
+        self._nccl_ok: set = set()
         params = [p for m in self.module for p in m.parameters()]
         self._device = params[0].device if params else torch.device("cpu")
 
@@ -175,22 +177,43 @@ class PipelineSchedule(nn.Module):
     def _tag(self, kind: str, d: int) -> int:
         return (0 if kind == "F" else 2) + d
 
-    def _post_recv(self, kind: str, d: int):
-        """Post the receive feeding op (kind, d) of this rank; None when not remote."""
+    def _recv_ops(self, kind: str, d: int):
+        """Buffers and irecv ops feeding op (kind, d) of this rank; None when not remote."""
         src = self.prev[d] if kind == "F" else self.next[d]
         if src is None or src[0] == self.rank:
             return None
         bufs = [torch.empty(s, dtype=self.dtype, device=self._device) for s in self.shapes]
-        works = [dist.irecv(b, src=self._global[src[0]], group=self.group, tag=self._tag(kind, d)) for b in bufs]
-        return bufs, works
+        return bufs, [dist.P2POp(dist.irecv, b, self._global[src[0]], self.group, self._tag(kind, d)) for b in bufs]
+
+    def _commit(self, next_op) -> None:
+        """Post, as one batch_isend_irecv, the current op's sends and the next op's receives (so that a
+        send and a receive between the same two ranks never wait on each other, as with NCCL streams)."""
+        p2p, entries = list(self._outbox), []
+        parts = [] if next_op is None else [("F", next_op[1])] if next_op[0] == "F" else \
+            [("B", next_op[1])] if next_op[0] == "B" else [("F", next_op[1]), ("B", next_op[2])] if next_op[0] == "FB" else []
+        for kind, d in parts:
+            if kind == "B" and self.forward_only:
+                continue
+            r = self._recv_ops(kind, d)
+            if r is not None:
+                entries.append(((kind, d), r[0], len(p2p), len(r[1])))
+                p2p += r[1]
+        self._outbox = []
+        if not p2p:
+            return
+        works = dist.batch_isend_irecv(p2p)
+        per_op = len(works) == len(p2p)
+        n_send = len(p2p) - sum(e[3] for e in entries)  # sends come first in p2p
+        self._sends += [(op.tensor, w) for op, w in zip(p2p[:n_send], works)] if per_op else [(None, w) for w in works]
+        for key, bufs, i, n in entries:  # posting order == consumption order per (kind, direction)
+            self._pending[key].append((bufs, works[i:i + n] if per_op else works))
 
     def _recv(self, kind: str, d: int):
         key = (kind, d)
         src = self.prev[d] if kind == "F" else self.next[d]
         if src[0] == self.rank:
             return self._local[key].popleft()
-        pending = self._pending[key].popleft() if self._pending[key] else self._post_recv(kind, d)
-        bufs, works = pending
+        bufs, works = self._pending[key].popleft()
         self._close_segment()
         t0 = time.perf_counter()
         for w in works:
@@ -208,16 +231,7 @@ class PipelineSchedule(nn.Module):
             return
         for t in tensors:
             t = t.to(self.dtype).contiguous()
-            self._sends.append((t, dist.isend(t, dst=self._global[dst[0]], group=self.group, tag=self._tag(kind, dd))))
-
-    def _prefetch(self, op) -> None:
-        """Post the receives of the next op now, so its transfers overlap the current op's compute."""
-        parts = [("F", op[1])] if op[0] == "F" else [("B", op[1])] if op[0] == "B" else \
-            [("F", op[1]), ("B", op[2])] if op[0] == "FB" else []
-        for kind, d in parts:
-            post = self._post_recv(kind, d)
-            if post is not None:  # posting order == consumption order per (kind, direction)
-                self._pending[(kind, d)].append(post)
+            self._outbox.append(dist.P2POp(dist.isend, t, self._global[dst[0]], self.group, self._tag(kind, dd)))
 
     def _event(self, name: str, d: int, t0: float, op_index: int) -> None:
         """Timeline entry (name, direction, t0, t1, op index); an op interrupted by receive waits is
@@ -294,6 +308,13 @@ class PipelineSchedule(nn.Module):
         if self.shapes is None or self.dtype is None:
             raise RuntimeError("set_p2p_tensor_shapes and set_p2p_tensor_dtype must be called before step()")
         schedules.check_args(self.kind, self.num_ranks, num_chunks)
+        if dist.get_backend(self.group) == "nccl" and (num_chunks, torch.is_grad_enabled()) not in self._nccl_ok:
+            # NCCL ignores tags: messages on each rank pair must arrive in the order they are expected
+            if not schedules.simulate(self.kind, self.num_ranks, num_chunks,
+                                      forward_only=not torch.is_grad_enabled())["channels_ok"]:
+                raise RuntimeError(f"{self.kind} PP={self.num_ranks} num_chunks={num_chunks}: the message order "
+                                   "is not NCCL-safe (it relies on P2P tags); use gloo or another PP size")
+            self._nccl_ok.add((num_chunks, torch.is_grad_enabled()))
         self.forward_only = not torch.is_grad_enabled()
         self.criterion, self.return_outputs = criterion, return_outputs
         n = schedules.chunks_per_direction(self.kind, num_chunks)
@@ -310,14 +331,14 @@ class PipelineSchedule(nn.Module):
         self._saved = [deque(), deque()]
         self._local = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
         self._pending = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
-        self._sends, self._losses, self._outputs = [], [], []
+        self._sends, self._outbox, self._losses, self._outputs = [], [], [], []
         WeightGradStore.clear()
         self.timeline, self._seg = [], None
         self._t_start = time.perf_counter()
+        self._commit(ops[0])
         for j, op in enumerate(ops):
-            if j + 1 < len(ops):
-                self._prefetch(ops[j + 1])
             self._run(op, j)
+            self._commit(ops[j + 1] if j + 1 < len(ops) else None)
         t0 = time.perf_counter()
         for _, w in self._sends:
             w.wait()
