@@ -1,14 +1,42 @@
-"""ParallelConfig: pipeline and expert parallelism (owned by dsv3.parallel)."""
+"""ParallelConfig: pipeline and expert parallelism (owned by dsv3.parallel; report §3.2).
+
+- `pp`, `schedule`: pipeline ranks and schedule (dualpipe needs an even pp); `num_chunks`
+  micro-batches per step (0: 2*pp, the smallest DualPipe/DualPipeV accept); `stage_bounds` layer
+  indices where stages start (None: even split, see stages.layer_split).
+- `ep`, `ep_ranks_per_node`, `max_nodes`: expert-parallel ranks, ranks grouped into a "node", and M of
+  node-limited routing (None: the model's own group-limited routing).
+"""
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dp: int = 1
-    pp: int = 1
+    dp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
     schedule: Literal["dualpipe", "dualpipev", "1f1b"] = "dualpipe"
-    ep: int = 1
+    num_chunks: int = Field(0, ge=0)
+    stage_bounds: list[int] | None = None
+    ep: int = Field(1, ge=1)
+    ep_ranks_per_node: int = Field(1, ge=1)
+    max_nodes: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.pp > 1 and self.schedule == "dualpipe" and self.pp % 2:
+            raise ValueError(f"pp: DualPipe needs an even number of pipeline ranks, got {self.pp}")
+        if self.pp > 1 and self.schedule != "1f1b" and self.num_chunks and self.num_chunks < 2 * self.pp:
+            raise ValueError(f"num_chunks: {self.schedule} needs >= 2*pp = {2 * self.pp}, got {self.num_chunks}")
+        if self.ep % self.ep_ranks_per_node:
+            raise ValueError(f"ep_ranks_per_node: {self.ep_ranks_per_node} does not divide ep={self.ep}")
+        if self.max_nodes is not None and self.max_nodes > self.ep // self.ep_ranks_per_node:
+            raise ValueError(f"max_nodes: {self.max_nodes} > number of nodes {self.ep // self.ep_ranks_per_node}")
+        return self
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per pipeline step."""
+        return self.num_chunks or 2 * self.pp

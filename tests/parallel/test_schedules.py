@@ -68,3 +68,32 @@ def test_gantt_and_stats(tmp_path):
     assert st["bubble"] == pytest.approx(sim["makespan"] - sim["busy"][0])
     png = gantt(sim["timeline"], str(tmp_path / "g.png"), "sim")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+def test_dualpipe_simulation_meets_the_formula_at_equal_costs(pp):
+    sim = schedules.simulate("dualpipe", pp, 4 * pp, {"F": 1.0, "B": 1.0, "W": 1.0})
+    an = analytic(pp, F=1.0, B=2.0, W=1.0, FB=3.0)  # non-overlapped F&B = F + B(full)
+    assert all(sim["makespan"] - b == pytest.approx(an["dualpipe"]) for b in sim["busy"])
+
+
+def test_parallel_config_errors_name_the_field():
+    from pydantic import ValidationError
+
+    from dsv3.parallel.config import ParallelConfig
+
+    assert ParallelConfig(pp=4).chunks == 8
+    for bad, field in [(dict(pp=3), "pp"), (dict(pp=4, num_chunks=6), "num_chunks"),
+                       (dict(ep=4, ep_ranks_per_node=3), "ep_ranks_per_node"),
+                       (dict(ep=4, ep_ranks_per_node=2, max_nodes=3), "max_nodes"), (dict(nope=1), "nope")]:
+        with pytest.raises(ValidationError, match=field):
+            ParallelConfig(**bad)
+
+
+def test_cli_schedule(tmp_path, capsys):
+    from dsv3.cli import main
+
+    assert main(["parallel", "schedule", "--pp", "4", "--chunks", "8", "--png", str(tmp_path / "g")]) == 0
+    out = capsys.readouterr().out
+    assert "dualpipe" in out and "1F1B 9.00" in out
+    assert (tmp_path / "g_dualpipe.png").exists()
