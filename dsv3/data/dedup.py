@@ -6,9 +6,10 @@ Near: our own numpy MinHash. Words -> crc32, word `shingle_size`-grams combined 
 wrapping polynomial into uint64 shingle hashes, then `bands * rows` hash functions
 (xor with a per-permutation seed, then the splitmix64 finaliser) and a min per function.
 LSH: a band's `rows` values are its bucket key. The work is partitioned by band: each
-band is an independent task (`band_edges`, run through the same mapper as the per-doc
-stages, so on Ray each band is a Ray task) that only needs that band's keys; a candidate
-pair is confirmed when the estimated Jaccard (signature agreement) >= `threshold`.
+band is an independent task (`band_buckets`, run through the same mapper as the per-doc
+stages, so on Ray each band is a Ray task) that receives only that band's keys
+(n x rows) and returns its multi-member buckets; the driver confirms a candidate pair when
+the estimated Jaccard (signature agreement) >= `threshold` (`confirm_edges`).
 Confirmed edges of all bands go into a union-find; one document per connected cluster
 is kept (the earliest in input order), the rest are `near_dup`.
 """
@@ -63,25 +64,26 @@ def minhash(text: str, cfg: DedupConfig) -> np.ndarray:
     return x.min(axis=0)
 
 
-def band_edges(task: tuple) -> list[tuple[int, int]]:
-    """One LSH band: (keys [n, rows] for this band, full signatures, threshold, valid mask) -> edges."""
-    keys, sigs, threshold, valid = task
+def band_buckets(keys: np.ndarray) -> list[list[int]]:
+    """One LSH band (keys [n, rows], uint64; all-ones rows = no shingles) -> buckets with >= 2 docs."""
     buckets: dict[bytes, list[int]] = {}
-    for i in np.flatnonzero(valid):
+    empty = (keys == np.iinfo(np.uint64).max).all(axis=1)
+    for i in np.flatnonzero(~empty):
         buckets.setdefault(keys[i].tobytes(), []).append(int(i))
-    edges = []
-    for members in buckets.values():
-        if len(members) < 2:
-            continue
-        reps = [members[0]]
-        for m in members[1:]:
-            for r in reps:
-                if float(np.mean(sigs[m] == sigs[r])) >= threshold:
-                    edges.append((r, m))
-                    break
-            else:
-                if len(reps) < 8:
-                    reps.append(m)
+    return [m for m in buckets.values() if len(m) > 1]
+
+
+def confirm_edges(members: list[int], sigs: np.ndarray, threshold: float, max_reps: int = 8) -> list[tuple[int, int]]:
+    """Edges (rep, member) inside one bucket whose estimated Jaccard >= threshold."""
+    edges, reps = [], [members[0]]
+    for m in members[1:]:
+        for r in reps:
+            if float(np.mean(sigs[m] == sigs[r])) >= threshold:
+                edges.append((r, m))
+                break
+        else:
+            if len(reps) < max_reps:
+                reps.append(m)
     return edges
 
 
@@ -98,16 +100,16 @@ def near_dedup(sigs: np.ndarray, cfg: DedupConfig, mapper=map) -> tuple[list[int
     stats = Counter(docs=n)
     if n == 0:
         return [], stats
-    valid = ~(sigs == np.iinfo(np.uint64).max).all(axis=1)
-    tasks = [(np.ascontiguousarray(sigs[:, b * cfg.rows:(b + 1) * cfg.rows]), sigs, cfg.threshold, valid)
-             for b in range(cfg.bands)]
+    tasks = [np.ascontiguousarray(sigs[:, b * cfg.rows:(b + 1) * cfg.rows]) for b in range(cfg.bands)]
     parent = list(range(n))
-    for edges in mapper(band_edges, tasks):
-        stats["candidate_edges"] += len(edges)
-        for a, b in edges:
-            ra, rb = _find(parent, a), _find(parent, b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)  # root = earliest document of the cluster
+    for buckets in mapper(band_buckets, tasks):  # each task sees one band's keys only
+        for members in buckets:
+            stats["candidate_buckets"] += 1
+            for a, b in confirm_edges(members, sigs, cfg.threshold):
+                stats["confirmed_edges"] += 1
+                ra, rb = _find(parent, a), _find(parent, b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)  # root = earliest document of the cluster
     out: list[int | None] = []
     for i in range(n):
         r = _find(parent, i)

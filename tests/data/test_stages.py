@@ -162,3 +162,15 @@ def test_builtin_stdlib_capped():
     docs = list(iter_source("builtin:stdlib", cfg))
     assert len(docs) == 5 and all(d["kind"] == "code" and d["license"] == "PSF-2.0" for d in docs)
     assert docs[0]["id"].startswith("stdlib:")
+
+
+def test_dataconfig_in_runconfig_names_bad_keys():
+    from dsv3.config import RunConfig
+    from dsv3.model.config import ConfigError
+
+    rc = RunConfig.from_dict({"data": {"dedup": {"bands": 20}, "fim": {"rate": 0.5}}})
+    assert rc.data.dedup.bands == 20 and rc.data.fim.rate == 0.5
+    with pytest.raises(ConfigError, match="data.dedup.bandz"):
+        RunConfig.from_dict({"data": {"dedup": {"bandz": 3}}})
+    with pytest.raises(ConfigError, match="data.fim.rate"):
+        RunConfig.from_dict({"data": {"fim": {"rate": 2.0}}})
