@@ -1,1 +1,8 @@
-"""dsv3.data"""
+"""dsv3.data: the pretraining-data pipeline (DeepSeek-V3 §4.1).
+
+sources (ingest + provenance + quarantine) -> normalize -> quality -> pii -> dedup (exact,
+MinHash/LSH) -> decontam -> split -> tokenizer (byte-level BPE) -> fim (PSM, rate 0.1)
+-> shards (`write_split` / `TokenShards`). `pipeline` wires the stages (also the three DVC
+stages), `validate` holds the Great Expectations suites, `cli` the `dsv3 data` commands.
+Heavy imports (tokenizers, transformers, GX, Ray) happen inside the functions that need them.
+"""
