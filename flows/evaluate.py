@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--no-track", action="store_true")
     a = p.parse_args(argv)
-    data_dir = a.data_dir
-    if not data_dir and not os.environ.get("DSV3_EVAL_DATA") and (runner.DEFAULT_DATA / "manifest.json").is_file():
-        data_dir = str(runner.DEFAULT_DATA)  # `make eval-data` output: run offline
-    cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, data_dir)
+    cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, a.data_dir)
     res = evaluate_flow(a.ckpt, cfg, not a.no_track)
     print(res["table"])
     print(f"checkpoint: {res['ckpt']}  mlflow run: {res['run_id']}")

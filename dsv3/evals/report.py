@@ -13,11 +13,19 @@ from pathlib import Path
 HEADLINE = ["eval/mmlu/acc", "eval/drop/em", "eval/drop/f1", "eval/humaneval/pass_at_1", "eval/bpb"]
 
 
+CATEGORIES = ["stem", "humanities", "social_sciences", "other"]
+
+
 def _order(keys: set[str]) -> list[str]:
+    """Headline metrics, other benchmark metrics, MMLU categories, MMLU subjects, timings."""
+    keys = {k for k in keys if not k.endswith("_stderr")}
     head = [k for k in HEADLINE if k in keys]
-    bench = sorted(k for k in keys if k not in head and k.count("/") == 2 and not k.endswith(("_stderr", "seconds")))
-    rest = sorted(k for k in keys if k not in head and k not in bench and not k.endswith("_stderr"))
-    return head + bench + rest
+    cats = [k for c in CATEGORIES for k in sorted(keys) if k.startswith(f"eval/mmlu/{c}/")]
+    timing = sorted(k for k in keys if k.endswith("/seconds"))
+    taken = set(head) | set(cats) | set(timing)
+    bench = sorted(k for k in keys - taken if k.count("/") <= 2)
+    rest = sorted(keys - taken - set(bench))
+    return head + bench + cats + rest + timing
 
 
 def results_table(runs: dict[str, dict[str, float]]) -> str:

@@ -28,7 +28,7 @@ from dsv3.evals.tasks import DEFAULT_DATA, ENV, FEWSHOT, PRIMARY, TASK_DIR, task
 
 def find_latest_checkpoint(root: str | Path = "runs") -> str:
     """Newest `runs/*/checkpoints/step_*/model` (what dsv3.train writes), else `models:/dsv3/latest`."""
-    cands = sorted(Path(root).glob("*/checkpoints/step_*/model/config.json"), key=lambda p: p.stat().st_mtime)
+    cands = sorted(Path(root).glob("*/checkpoints/step_*/model/config.json"), key=lambda p: (p.stat().st_mtime, str(p)))
     if cands:
         return str(cands[-1].parent)
     return "models:/dsv3/latest"
@@ -133,8 +133,11 @@ def get_lm(ckpt: str, cfg: EvalConfig):
 
 
 def is_offline(cfg: EvalConfig) -> bool:
+    """Offline when eval.data_dir or $DSV3_EVAL_DATA is set, or `make eval-data` output exists."""
     if cfg.data_dir:
         os.environ[ENV] = str(Path(cfg.data_dir).resolve())
+    elif not os.environ.get(ENV) and (DEFAULT_DATA / "manifest.json").is_file():
+        os.environ[ENV] = str(DEFAULT_DATA)
     return bool(os.environ.get(ENV))
 
 

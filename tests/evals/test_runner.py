@@ -87,3 +87,19 @@ def test_evaluate_logs_to_mlflow_linked_run_and_compare(store, tiny_ckpt, tiny_d
     row = next(line for line in table.splitlines() if line.startswith("| eval/mmlu/acc |"))
     assert row.count("±") == 2 and "eval-a" in table and "eval-b" in table
     assert next(line for line in table.splitlines() if line.startswith("| eval/bpb |")).endswith("| — |")
+
+
+def test_source_run_id_from_training_checkpoint_layout(tmp_path):
+    import json
+
+    from dsv3.evals.runner import find_latest_checkpoint, source_run_id
+
+    for step, rid in (("step_00000010", "aaa"), ("step_00000020", "bbb")):
+        d = tmp_path / "runs" / "pretrain" / "checkpoints" / step
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "config.json").write_text("{}")
+        (d / "state.json").write_text(json.dumps({"step": 1, "mlflow_run_id": rid}))
+    latest = find_latest_checkpoint(tmp_path / "runs")
+    assert latest.endswith("step_00000020/model") and source_run_id(latest) == "bbb"
+    assert source_run_id("runs:/abc123/model") == "abc123"
+    assert find_latest_checkpoint(tmp_path / "nothing") == "models:/dsv3/latest"
