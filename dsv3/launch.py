@@ -25,6 +25,8 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
     pp = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
     kw: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": pp}}, "ignore_reinit_error": True,
                           "log_to_driver": False}
+    if address is None:  # $RAY_ADDRESS selects a cluster by configuration (infra/ray.md)
+        address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # "local": always a fresh local instance, never someone else's running cluster
         kw.update(num_cpus=num_cpus, include_dashboard=False)
         address = "local"
