@@ -38,7 +38,7 @@ class SFTConfig(_Section):
     max_steps: int | None = Field(None, ge=1)  # cap across epochs (None: run all epochs)
     batch_size: int = Field(16, ge=1)
     seq_len: int = Field(128, ge=8)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)  # CPU default (tiny/small presets)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -59,7 +59,7 @@ class RewardConfig(_Section):
     rm_pairs: int = Field(400, ge=2)
     rm_epochs: int = Field(2, ge=1)
     rm_batch_size: int = Field(16, ge=1)
-    rm_lr: float = Field(1e-4, gt=0)
+    rm_lr: float = Field(5e-4, gt=0)
     rm_val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
 
@@ -71,7 +71,7 @@ class GRPOConfig(_Section):
     group_size: int = Field(8, ge=2)  # G
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(5e-4, gt=0)  # CPU default (tiny model); use ~1e-6..1e-5 for real models
     clip_eps: float = Field(0.2, gt=0)  # ε
     kl_coef: float = Field(0.02, ge=0)  # β
     inner_epochs: int = Field(2, ge=1)  # μ: optimisation passes per rollout batch

@@ -9,6 +9,10 @@ from dsv3.posttrain.config import DataGenConfig
 from dsv3.posttrain.sft_data import build_sft_dataset
 
 
+# tiny models: one intra-op thread is as fast and does not spin on a shared, loaded CPU
+torch.set_num_threads(1)
+
+
 def corpus():
     recs = build_sft_dataset(DataGenConfig(n_arithmetic=400, n_algebra=100, n_code=40, seed=123))
     return [r["prompt"] + "\n" + r["response"] for r in recs]
