@@ -185,19 +185,21 @@ class PipelineSchedule(nn.Module):
         bufs = [torch.empty(s, dtype=self.dtype, device=self._device) for s in self.shapes]
         return bufs, [dist.P2POp(dist.irecv, b, self._global[src[0]], self.group, self._tag(kind, d)) for b in bufs]
 
-    def _commit(self, next_op) -> None:
-        """Post, as one batch_isend_irecv, the current op's sends and the next op's receives (so that a
-        send and a receive between the same two ranks never wait on each other, as with NCCL streams)."""
+    def _commit(self, ops: list, upto: int) -> None:
+        """Post, as one batch_isend_irecv, the current op's sends and the receives of the ops up to index
+        `upto` not yet posted (so that a send and a receive between the same two ranks never wait on
+        each other, as with NCCL streams). gloo looks one op further ahead (receives are independent
+        there), so a transfer overlaps a whole op of compute."""
         p2p, entries = list(self._outbox), []
-        parts = [] if next_op is None else [("F", next_op[1])] if next_op[0] == "F" else \
-            [("B", next_op[1])] if next_op[0] == "B" else [("F", next_op[1]), ("B", next_op[2])] if next_op[0] == "FB" else []
-        for kind, d in parts:
-            if kind == "B" and self.forward_only:
-                continue
-            r = self._recv_ops(kind, d)
-            if r is not None:
-                entries.append(((kind, d), r[0], len(p2p), len(r[1])))
-                p2p += r[1]
+        for op in ops[self._posted:upto]:
+            parts = [("F", op[1])] if op[0] == "F" else [("B", op[1])] if op[0] == "B" else \
+                [("F", op[1]), ("B", op[2])] if op[0] == "FB" else []
+            for kind, d in parts:
+                r = self._recv_ops(kind, d)
+                if r is not None:
+                    entries.append(((kind, d), r[0], len(p2p), len(r[1])))
+                    p2p += r[1]
+        self._posted = max(self._posted, min(upto, len(ops)))
         self._outbox = []
         if not p2p:
             return
@@ -335,10 +337,12 @@ class PipelineSchedule(nn.Module):
         WeightGradStore.clear()
         self.timeline, self._seg = [], None
         self._t_start = time.perf_counter()
-        self._commit(ops[0])
+        ahead = 1 if dist.get_backend(self.group) == "nccl" else 2
+        self._posted = 0
+        self._commit(ops, ahead)
         for j, op in enumerate(ops):
             self._run(op, j)
-            self._commit(ops[j + 1] if j + 1 < len(ops) else None)
+            self._commit(ops, j + 1 + ahead)
         t0 = time.perf_counter()
         for _, w in self._sends:
             w.wait()
