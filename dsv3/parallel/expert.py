@@ -15,6 +15,7 @@ Design:
   gating weights and an index_add back to token positions (the same order of operations as
   `DeepSeekMoE.dispatch`). One row per (token, expert) pair: the paper's "send once per node, then
   forward over NVLink" de-duplication is not done here.
+- `shard_experts(model, group, ...)` swaps every DeepSeekMoE of a DeepSeekV3 for its EP layer in place.
 - Autograd: `all_to_all` is a custom Function whose backward is the all-to-all with the splits swapped.
 - Dual micro-batch overlap: `forward_overlapped(x)` splits the tokens in two and issues the
   dispatch/combine of one half with `async_op=True` while the other half computes (§3.2.2's overlap of
@@ -27,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from dsv3.model.moe import DeepSeekMoE
 
 
 class _AllToAll(torch.autograd.Function):
@@ -50,9 +53,13 @@ def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group=None) -
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-class ExpertParallelMoE(nn.Module):
-    def __init__(self, moe: nn.Module, group=None, ranks_per_node: int = 1, max_nodes: int | None = None):
-        super().__init__()
+class ExpertParallelMoE(DeepSeekMoE):
+    """A DeepSeekMoE whose routed experts are this rank's E/EP slice (`experts[i]` is global expert
+    `local_range[0] + i`); gate, shared experts, load counters and `update_bias` are the wrapped layer's,
+    so `model.moe_layers()` / `expert_load()` / `update_bias()` keep working (load: this rank's tokens)."""
+
+    def __init__(self, moe: DeepSeekMoE, group=None, ranks_per_node: int = 1, max_nodes: int | None = None):
+        nn.Module.__init__(self)  # the wrapped layer is already built: take its parts, not a new config
         self.group = group or dist.group.WORLD
         self.ep, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         E = moe.n_experts
@@ -165,3 +172,13 @@ class ExpertParallelMoE(nn.Module):
             y = self._combine(h, back, order, tok, w)
             outs.append(y + sh if sh is not None else y)
         return torch.cat(outs).view(B, S, D)
+
+
+def shard_experts(model: nn.Module, group=None, ranks_per_node: int = 1, max_nodes: int | None = None) -> nn.Module:
+    """Replace every DeepSeekMoE in `model` (blocks and MTP) by its ExpertParallelMoE over `group`, in place.
+    Every rank of the group calls it on an identically initialised model; each keeps its expert slice."""
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, DeepSeekMoE) and not isinstance(child, ExpertParallelMoE):
+                setattr(mod, child_name, ExpertParallelMoE(child, group, ranks_per_node, max_nodes))
+    return model

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from dsv3.model.config import ModelConfig
 from dsv3.model.moe import DeepSeekMoE
-from dsv3.parallel.expert import ExpertParallelMoE, all_to_all
+from dsv3.parallel.expert import ExpertParallelMoE, all_to_all, shard_experts
 from tests.parallel.workers import spawn
 
 T = 6  # tokens per sequence
@@ -90,7 +90,22 @@ def _bad_worker(rank, world):
         ExpertParallelMoE(_moe(1, None), ranks_per_node=3)
 
 
+def _model_worker(rank, world):
+    from dsv3.model.transformer import DeepSeekV3
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset("tiny", aux_loss_alpha=0.0)).eval()
+    ref = copy.deepcopy(model)
+    shard_experts(model, ranks_per_node=2)
+    layers = model.moe_layers()
+    assert layers and all(isinstance(m, ExpertParallelMoE) and len(m.experts) == 2 for m in layers)
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
+
+
 def _all(rank, world):
+    _model_worker(rank, world)
     _a2a_worker(rank, world)
     for ranks_per_node, max_nodes in [(1, None), (2, 1), (1, 2)]:  # 4 nodes unlimited; 2 nodes, M=1; 4 nodes, M=2
         _ep_worker(rank, world, ranks_per_node, max_nodes)
