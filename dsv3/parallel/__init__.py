@@ -1,7 +1,10 @@
 """dsv3.parallel: pipeline schedules (DualPipe, DualPipeV, 1F1B) and expert parallelism (report §3.2)."""
 
 from dsv3.parallel.config import ParallelConfig
+from dsv3.parallel.expert import ExpertParallelMoE, all_to_all, shard_experts
 from dsv3.parallel.pipeline import DualPipe, DualPipeV, OneFOneB, PipelineSchedule, WeightGradStore, split_weight_grads
+from dsv3.parallel.stages import Stage, pipeline_for, split_model
 
 __all__ = ["ParallelConfig", "DualPipe", "DualPipeV", "OneFOneB", "PipelineSchedule", "WeightGradStore",
-           "split_weight_grads"]
+           "split_weight_grads", "ExpertParallelMoE", "all_to_all", "shard_experts", "Stage", "pipeline_for",
+           "split_model"]

@@ -24,6 +24,8 @@ Design:
   interface. DualPipe: the first rank feeds the first half of the batch and computes the loss of the
   second half (its `labels` belong to the last rank's inputs), the last rank the other way round.
   DualPipeV / 1F1B: the first rank gets inputs; the loss is on the first (V) / last (1F1B) rank.
+- DualPipe keeps two copies of every stage (ranks r and PP-1-r); `DualPipe.sync_grads()` sums their
+  grads after a step (before the optimizer), as the report's "two copies of the parameters" require.
 """
 
 from __future__ import annotations

@@ -172,8 +172,6 @@ def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forw
                         sent[r, dst[0]].append(("F", dst[1]) if kind_ == "F" else ("B", dst[1]))
                 if o[0] == "B" and o[2] and not forward_only:
                     wq[r] += 1
-                if o[0] == "FB":
-                    pass  # FB never defers weight grads
                 timeline[r].append((o[0], o[1], t0, t0 + dur))
                 clock[r] = t0 + dur
                 pos[r] += 1
