@@ -20,7 +20,9 @@ Design:
 - Dual micro-batch overlap: `forward_overlapped(x)` splits the tokens in two and issues the
   dispatch/combine of one half with `async_op=True` while the other half computes (§3.2.2's overlap of
   two micro-batches). gloo runs all_to_all_single asynchronously on its worker thread, so this works on
-  CPU too; it is a forward (inference / no-grad) path. Training uses the synchronous path.
+  CPU too; it is a forward (inference / no-grad) path. Training uses the synchronous path: an
+  autograd version needs the backward all-to-alls issued in the same order on every rank, which the
+  autograd engine's ready-queue order does not promise (not done).
 """
 
 from __future__ import annotations

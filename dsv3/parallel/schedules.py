@@ -104,7 +104,8 @@ def build(kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool = F
 def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forward_only: bool = False) -> dict:
     """Run all ranks' op lists as a discrete-event model (sends never block, a recv waits for the data).
     cost: durations {"F","B","W","FB"} (B is the input-grad part; a non-zb B costs B+W). Returns
-    {"timeline": per-rank [(op, dir, t0, t1)], "makespan", "busy": per rank, "channels_ok": bool}.
+    {"timeline": per-rank [(op, dir, t0, t1)], "makespan", "busy": per rank, "channels_ok": bool,
+    "channels": {(src, dst): (send order, receive order)}}.
     Raises RuntimeError on deadlock or a schedule that does not cover every chunk exactly once."""
     c = {"F": 1.0, "B": 1.0, "W": 1.0, **(cost or {})}
     c.setdefault("FB", c["F"] + c["B"] + c["W"])
@@ -190,4 +191,5 @@ def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forw
     channels_ok = all(sent[k] == recvd[k] for k in set(sent) | set(recvd))
     makespan = max(clock)
     busy = [sum(t1 - t0 for _, _, t0, t1 in tl) for tl in timeline]
-    return {"timeline": timeline, "makespan": makespan, "busy": busy, "channels_ok": channels_ok}
+    return {"timeline": timeline, "makespan": makespan, "busy": busy, "channels_ok": channels_ok,
+            "channels": {k: (sent[k], recvd[k]) for k in set(sent) | set(recvd)}}
