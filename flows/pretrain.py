@@ -91,7 +91,10 @@ def summary(res: dict, elapsed: float) -> str:
         f"{pre['final'].get('val/bpb', float('nan')):.4f}",
     ]
     if ext:
-        lines.append(f"passkey token accuracy before {ext['passkey_before']} after {ext['passkey_after']}")
+        lines.append(f"passkey token accuracy (lengths x depths) before {ext['passkey_before']} "
+                     f"after {ext['passkey_after']}")
+        lines.append(f"val loss by context length before {ext.get('val_loss_by_length_before')} "
+                     f"after {ext.get('val_loss_by_length_after')}")
     lines += [
         f"pretrain checkpoint: {pre['checkpoint']}",
         f"final checkpoint:    {final['checkpoint']}",

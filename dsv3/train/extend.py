@@ -12,7 +12,8 @@ only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages
   the end, no EMA: these stages are short), MTP λ at its late
   value and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
 - is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
-  depths) of the base model before and of the final model after, and registers it.
+  depths) of the base model before and of the final model after, the validation loss at
+  each probe length before/after (`longctx/...`), and registers the final model.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _tokenizer(cfg):
     try:
         from dsv3.data.tokenizer import load_tokenizer
 
-        return load_tokenizer(d)
+        tok = load_tokenizer(d)
+        return tok if len(tok) <= cfg.model.vocab_size else None
     except Exception:  # noqa: BLE001 - the passkey probe falls back to token ids
         return None
 
@@ -48,21 +50,32 @@ def stage_config(cfg, i: int, init_from: str, L0: int):
     t = cfg.train.model_copy(update=dict(
         seq_len=st.seq_len, batch_size=st.batch_size, steps=st.steps, lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
-        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir) / f"extend_{i + 1}"),
+        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir).resolve() / f"extend_{i + 1}"),
         eval_every=st.steps, ckpt_every=st.steps, eval_batches=1, ema=False, register_model=False,
         debug_nan_steps=[],
         debug_kill_rank_at_step=None))
     return cfg.model_copy(update={"model": m, "train": t, "name": f"{cfg.name}-extend{i + 1}"})
 
 
-def _passkey(cfg_model, model_dir: str, ex, tok):
+def _probe(cfg, cfg_model, model_dir: str, ex, tok) -> tuple[np.ndarray, dict]:
+    """Passkey grid, and validation loss at each probe length (one window each): the
+    long-context perplexity that YaRN is meant to keep flat beyond the trained length."""
     from dsv3.model.transformer import DeepSeekV3
     from dsv3.train.checkpoint import load_model_weights
+    from dsv3.train.data import PackedStream
+    from dsv3.train.loop import evaluate, shard_dir
     from dsv3.train.passkey import passkey_grid
 
     model = DeepSeekV3(cfg_model)
     load_model_weights(model, model_dir)
-    return passkey_grid(model, ex.passkey_lengths, ex.passkey_depths, ex.passkey_trials, tok)
+    losses = {}
+    for L in ex.passkey_lengths:
+        try:
+            val = PackedStream(shard_dir(cfg), "val", L, shuffle=False)
+        except ValueError:  # the split is shorter than L
+            continue
+        losses[L] = evaluate(model, val, 1, 1, "fp32")[0]
+    return passkey_grid(model, ex.passkey_lengths, ex.passkey_depths, ex.passkey_trials, tok), losses
 
 
 def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool = False,
@@ -81,7 +94,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
     with tracking.start_run(cfg, "extend", run_name=f"{cfg.name}-extend", parent_run_id=parent_run_id,
                             tags={"parent_checkpoint": str(init_from)}) as run:
         out["run_id"] = run.info.run_id
-        before = _passkey(cfg.model, str(base_dir), ex, tok)
+        before, loss_before = _probe(cfg, cfg.model, str(base_dir), ex, tok)
         prev = str(base_dir)
         for i in range(len(ex.stages)):
             scfg = stage_config(cfg, i, prev, L0)
@@ -96,7 +109,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                 res = train(scfg, parent_run_id=run.info.run_id, stage=f"extend_{i + 1}").to_json()
             out["stages"].append(res)
             prev = res["model_dir"]
-        after = _passkey(scfg.model, prev, ex, tok)
+        after, loss_after = _probe(cfg, scfg.model, prev, ex, tok)
         for name, grid in (("before", before), ("after", after)):
             fig = plots.heatmap(grid, ex.passkey_lengths, ex.passkey_depths,
                                 f"passkey token accuracy ({name} extension)", "needle depth", "context length")
@@ -106,10 +119,14 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                               **{f"passkey/after/len_{L}": float(after[k].mean())
                                  for k, L in enumerate(ex.passkey_lengths)},
                               **{f"passkey/before/len_{L}": float(before[k].mean())
-                                 for k, L in enumerate(ex.passkey_lengths)}}, step=0)
+                                 for k, L in enumerate(ex.passkey_lengths)},
+                              **{f"longctx/before/val_loss_len_{L}": v for L, v in loss_before.items()},
+                              **{f"longctx/after/val_loss_len_{L}": v for L, v in loss_after.items()}}, step=0)
         tracking.set_tags({"checkpoint_uri": out["stages"][-1]["checkpoint"], "model_dir": prev})
         if cfg.train.register_model:
             out["model_version"] = tracking.register_model(prev, cfg.tracking.registered_model)
     out.update(model_dir=prev, checkpoint=out["stages"][-1]["checkpoint"],
-               passkey_before=np.round(before, 3).tolist(), passkey_after=np.round(after, 3).tolist())
+               passkey_before=np.round(before, 3).tolist(), passkey_after=np.round(after, 3).tolist(),
+               val_loss_by_length_before={L: round(v, 4) for L, v in loss_before.items()},
+               val_loss_by_length_after={L: round(v, 4) for L, v in loss_after.items()})
     return out

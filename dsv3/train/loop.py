@@ -201,7 +201,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     val = PackedStream(shards, "val", t.seq_len, shuffle=False)
     if val.shards.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"shards vocab {val.shards.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
-    out_dir = Path(t.out_dir)
+    out_dir = Path(t.out_dir).resolve()
     ck_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     global _LOG_FILE

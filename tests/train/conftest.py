@@ -37,7 +37,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 
 def tiny_cfg(shards: str, out_dir, *overrides: str) -> RunConfig:
-    ov = [f"train.shards={shards}", f"train.out_dir={out_dir}", "train.seq_len=32", "train.batch_size=4",
+    ov = [f"train.shards={shards}", f"train.out_dir={out_dir}", f"train.tokenizer={out_dir}/no-tokenizer", "train.seq_len=32", "train.batch_size=4",
           "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.ckpt_every=3",
           "train.threads=1", "train.plots=false", "train.precision=fp32", "train.warmup_frac=0.2",
           "train.log_checkpoints=false", "train.register_model=false", *overrides]
