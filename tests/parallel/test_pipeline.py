@@ -11,14 +11,15 @@ from dsv3.parallel.bubble import gather_timelines, report
 from tests.parallel.workers import DIM, MB, assert_grads, criterion, data, make_stages, reference, spawn
 
 
-def _pipe(cls, mods):
-    p = cls(mods)
+def _pipe(cls, mods, mapping=None):
+    p = cls(mods, rank_mapping=mapping)
     p.set_p2p_tensor_shapes([(MB, DIM)])
     p.set_p2p_tensor_dtype(torch.float32)
     return p
 
 
-def _check_dualpipe(rank, pp, nc):
+def _check_dualpipe(rank, pp, nc, mapping=None):
+    rank = mapping[rank] if mapping else rank  # process rank -> pipeline rank
     stages = make_stages(pp)
     x, y = data(nc)
     half = nc // 2
@@ -26,7 +27,7 @@ def _check_dualpipe(rank, pp, nc):
     # direction 1 the second half (inputs on the last rank); each rank holds copies of 2 stages.
     l0, o0, ref0 = reference(stages, x[: half * MB], y[: half * MB], half)
     l1, o1, ref1 = reference(stages, x[half * MB:], y[half * MB:], half)
-    pipe = _pipe(DualPipe, (copy.deepcopy(stages[rank]), copy.deepcopy(stages[pp - 1 - rank])))
+    pipe = _pipe(DualPipe, (copy.deepcopy(stages[rank]), copy.deepcopy(stages[pp - 1 - rank])), mapping)
     first, last = rank == 0, rank == pp - 1
     args = (x[: half * MB],) if first else (x[half * MB:],) if last else ()
     labels = (y[half * MB:],) if first else (y[: half * MB],) if last else ()
@@ -109,6 +110,8 @@ def _worker(rank, pp, cases):
         dist.barrier()
     if pp == 2:
         _errors(rank, pp)
+    if pp == 4:
+        _check_dualpipe(rank, pp, 8, mapping=[2, 0, 3, 1])
 
 
 def test_pipelines_pp2():
