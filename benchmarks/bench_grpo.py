@@ -6,7 +6,7 @@ length / entropy, greedy accuracy on held-out prompts before vs after GRPO (the 
 the SFT model itself), and rollout throughput on the MLA latent cache vs recomputing the
 whole prefix for every new token (the peer for `model.generate`).
 
-    python benchmarks/bench_grpo.py [--preset tiny] [--sft-steps 120] [--steps 80] [--max-operand 6]
+    python benchmarks/bench_grpo.py [--preset tiny] [--sft-steps 120] [--steps 160] [--prompts 16] [--lr 5e-4] [--max-operand 6]
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from dsv3.posttrain.sft import train_sft  # noqa: E402
 from dsv3.posttrain.sft_data import arithmetic_problems  # noqa: E402
 
 
-def greedy_accuracy(model, tok, probs) -> float:
+def accuracy(model, tok, probs, temperature: float, k: int = 1) -> float:
+    """Exact-answer rate on held-out prompts (temperature ~0: greedy; 1: sampled, k samples each)."""
     torch.manual_seed(0)
-    ro = rollout(model, tok, [p["prompt"] for p in probs], 1, 16, temperature=1e-6)
-    return sum(MathReward()(probs, ro.texts)) / len(probs)
+    ro = rollout(model, tok, [p["prompt"] for p in probs], k, 16, temperature=temperature)
+    return sum(MathReward()([p for p in probs for _ in range(k)], ro.texts)) / (len(probs) * k)
 
 
 @torch.no_grad()
@@ -58,13 +59,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--sft-steps", type=int, default=120)
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--max-operand", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--kl", type=float, default=0.02)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=16)
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     train = arithmetic_task(600, a.seed, a.max_operand)
-    held = arithmetic_task(64, a.seed + 99, a.max_operand)
+    held = arithmetic_task(128, a.seed + 99, a.max_operand)
     texts = [r["prompt"] + "\n" + r["response"] for r in arithmetic_problems(2000, a.seed + 1, 20)]
     tok = build_chat_tokenizer(texts, vocab_size=512)
     cfg = ModelConfig.preset(a.preset, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -78,13 +83,14 @@ def main(argv=None) -> int:
                   log=lambda d, k: None)
     print(f"SFT {s['steps']} steps: val/loss {s['val/loss_before']:.3f} -> {s['val/loss']:.3f} "
           f"({time.perf_counter() - t0:.0f}s)")
-    acc0 = greedy_accuracy(model, tok, held)
-    gc = GRPOConfig(steps=a.steps, prompts_per_step=8, group_size=8, max_new_tokens=16, lr=5e-4, kl_coef=0.02,
+    acc0 = accuracy(model, tok, held, 1e-6), accuracy(model, tok, held, 1.0, 4)
+    gc = GRPOConfig(steps=a.steps, prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=16, lr=a.lr,
+                    kl_coef=a.kl,
                     seed=a.seed, max_operand=a.max_operand)
     t0 = time.perf_counter()
     hist = train_grpo(model, tok, train, Combined([(1.0, MathReward()), (0.5, FormatReward())]), gc)
     dt = time.perf_counter() - t0
-    acc1 = greedy_accuracy(model, tok, held)
+    acc1 = accuracy(model, tok, held, 1e-6), accuracy(model, tok, held, 1.0, 4)
     w = max(1, a.steps // 10)
     print(f"\nGRPO {a.steps} steps, G={gc.group_size}, {gc.prompts_per_step} prompts/step ({dt:.0f}s, "
           f"{dt / a.steps:.2f}s/step)")
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
     first = sum(h["grpo/reward_mean"] for h in hist[:w]) / w
     last = sum(h["grpo/reward_mean"] for h in hist[-w:]) / w
     print(f"\nmean reward first {w} steps {first:.3f} -> last {w} steps {last:.3f} (x{last / max(first, 1e-9):.2f})")
-    print(f"held-out greedy accuracy: SFT {acc0:.3f} -> SFT+GRPO {acc1:.3f}")
+    print(f"held-out exact-answer rate ({len(held)} prompts), SFT -> SFT+GRPO: greedy {acc0[0]:.3f} -> {acc1[0]:.3f}; "
+          f"sampled T=1 {acc0[1]:.3f} -> {acc1[1]:.3f}")
     cached, full = throughput(model, tok, [p["prompt"] for p in held[:32]], 16)
     print(f"rollout throughput: latent cache {cached:.0f} tok/s vs full recompute {full:.0f} tok/s "
           f"(x{cached / full:.2f})")

@@ -34,11 +34,11 @@ class DataGenConfig(_Section):
 
 
 class SFTConfig(_Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1)  # cap across epochs (None: run all epochs)
     batch_size: int = Field(16, ge=1)
     seq_len: int = Field(128, ge=8)
-    lr: float = Field(1e-3, gt=0)  # CPU default (tiny/small presets)
+    lr: float = Field(2e-3, gt=0)  # CPU default (tiny/small presets)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -66,8 +66,8 @@ class RewardConfig(_Section):
 
 class GRPOConfig(_Section):
     """GRPO (DeepSeekMath; DeepSeek-V3 §5.2.2)."""
-    steps: int = Field(30, ge=1)
-    prompts_per_step: int = Field(8, ge=1)
+    steps: int = Field(60, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2)  # G
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)

@@ -59,7 +59,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps: float = 0.2, kl_coe
         raise ValueError(f"loss_norm must be 'token' or 'sequence', not {loss_norm!r}")
     n = mask.sum().clamp_min(1)
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n)}
+    stats = {"kl": float((kl.detach() * mask).sum() / n), "clip_frac": float((clipped.detach() * mask).sum() / n)}
     return loss, stats
 
 
