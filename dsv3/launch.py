@@ -100,7 +100,9 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, res
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
                  placement_strategy: str = "PACK") -> dict:
-    """Run `dsv3.train.loop.train` data-parallel on Ray Train; returns its result.json."""
+    """Run `dsv3.train.loop.train` on Ray Train with dp × pp workers (`parallel.dp`, `parallel.pp`: data-
+    and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group);
+    returns its result.json."""
     import json
     import threading
     import time
@@ -109,7 +111,11 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, res
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    n = int(num_workers or cfg.parallel.dp or 1)
+    n = int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
+    if cfg.parallel.pp > 1:
+        from dsv3.train.pipeline_step import check_config
+
+        check_config(cfg, n)  # fail before starting Ray (pp not dividing the workers, odd DualPipe, ...)
     if cfg.train.threads is None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"threads": max(1, (os.cpu_count() or 1) // n)})})

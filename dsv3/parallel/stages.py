@@ -18,6 +18,10 @@ Design:
   (`shared_embedding_params`).
 - `pipeline_for(model, kind, group)` is the one call a trainer needs: it builds the schedule object
   for this rank with its stage modules and P2P shapes set.
+- Training integration (dsv3/train/pipeline_step.py): `Stage.aux_grad_scale` is the d(loss)/d(aux) fed
+  to the balance losses (1/num_chunks when the criterion averages over chunks), and `Stage.stats`, when
+  a dict, accumulates the detached loss parts computed on that stage (`main`, `mtp` per depth,
+  `balance`) so the trainer can report the model's loss components.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from dsv3.parallel.pipeline import DualPipe, DualPipeV, OneFOneB
 
 class _AddAux(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, aux):
-        ctx.aux_shape = aux.shape
+    def forward(ctx, h, aux, scale=1.0):
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return h
 
     @staticmethod
     def backward(ctx, g):
-        return g, g.new_ones(ctx.aux_shape)
+        return g, g.new_full(ctx.aux_shape, ctx.scale), None
 
 
 class Stage(nn.Module):
@@ -50,6 +54,8 @@ class Stage(nn.Module):
         if last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
             self.mtp_loss_weight = model.mtp_loss_weight
+        self.aux_grad_scale = 1.0
+        self.stats: dict | None = None
 
     def _rope(self, S: int, device):
         return self.rotary(torch.arange(S, device=device))
@@ -61,10 +67,11 @@ class Stage(nn.Module):
             h = self._add_aux(layer(h, rope), layer)
         return h
 
-    @staticmethod
-    def _add_aux(h, block):
+    def _add_aux(self, h, block):
         bal = getattr(block.mlp, "balance_loss", None)
-        return _AddAux.apply(h, bal) if bal is not None and torch.is_grad_enabled() else h
+        if bal is not None and self.stats is not None:
+            self.stats["balance"] = self.stats.get("balance", 0.0) + bal.detach()
+        return _AddAux.apply(h, bal, self.aux_grad_scale) if bal is not None and torch.is_grad_enabled() else h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
@@ -73,7 +80,7 @@ class Stage(nn.Module):
         """CE(main) + λ·mean_k CE(MTP depth k): the model's loss without the balance term."""
         from dsv3.model.transformer import _shifted_ce
 
-        loss = _shifted_ce(self.logits(h), labels, 1)
+        loss = main = _shifted_ce(self.logits(h), labels, 1)
         S = h.shape[1]
         if len(self.mtp):
             emb, rope, h_k, mtp = self.embed_tokens(input_ids), self._rope(S, h.device), h, []
@@ -85,6 +92,11 @@ class Stage(nn.Module):
                 mtp.append(_shifted_ce(self.lm_head(mod.norm(h_k)), labels, k + 1))
             if mtp:
                 loss = loss + self.mtp_loss_weight * torch.stack(mtp).mean()
+            if self.stats is not None:
+                for k, m in enumerate(mtp):
+                    self.stats.setdefault("mtp", {})[k] = self.stats.get("mtp", {}).get(k, 0.0) + m.detach()
+        if self.stats is not None:
+            self.stats["main"] = self.stats.get("main", 0.0) + main.detach()
         return loss
 
 

@@ -5,7 +5,9 @@
 
 Both validate the config first (errors name the bad key) and print the MLflow run id
 and the checkpoint path at the end. `--ray` runs the loop on Ray Train with
-`parallel.dp` workers (default: in-process, same loop).
+`parallel.dp` × `parallel.pp` workers (default: in-process, same loop). Pipeline parallelism
+(`--set parallel.pp=2 [--set parallel.schedule=dualpipe|dualpipev|1f1b]`, §3.2.1) always runs on Ray:
+one worker per pipeline rank (a local Ray cluster on a laptop, the cluster's GPUs elsewhere).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ def _load(a):
 
 def _pretrain(a) -> int:
     cfg = _load(a)
-    if a.ray:
+    if a.ray or cfg.parallel.pp > 1:
+        import torch
+
         from dsv3.launch import run_training
 
-        res = run_training(cfg, num_workers=a.workers, resume=a.resume)
+        use_gpu = cfg.parallel.pp > 1 and torch.cuda.is_available()  # pp == 1 --ray: unchanged (CPU workers)
+        res = run_training(cfg, num_workers=a.workers, resume=a.resume, use_gpu=use_gpu)
     else:
         from dsv3.train.loop import train
 

@@ -23,6 +23,12 @@ Design choices
   resumed run reproduces the uninterrupted losses bitwise (tests/train/test_resume.py).
 - Tracking: rank 0 only, through dsv3.tracking; a resumed run continues its MLflow run.
   `metrics.jsonl` in the run folder mirrors the per-step losses (truncated on resume).
+- Pipeline parallelism (§3.2.1, `parallel.pp > 1`): the ranks are pipeline ranks; the plain
+  forward/backward of a step is replaced by `PipelineStep.forward_backward` (DualPipe / DualPipeV /
+  1F1B over the model's stages, dsv3/train/pipeline_step.py), clipping by its global norm, and the
+  weights are re-assembled on every rank after the update, so the rest of the loop is unchanged.
+  Bubble fractions (measured per rank, analytic) are logged as `pipeline/*` and a Gantt chart as
+  `plots/pipeline_gantt.png`.
 """
 
 from __future__ import annotations
@@ -185,6 +191,10 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
 
     t = cfg.train
     rank, world = _dist()
+    if cfg.parallel.pp > 1:
+        from dsv3.train.pipeline_step import check_config
+
+        check_config(cfg, world)  # before any work: a pipeline needs dp × pp ranks
     if t.threads:
         torch.set_num_threads(t.threads)
     random.seed(t.seed)
@@ -195,7 +205,13 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, t)
     ema = CpuEMA(model, t.ema_decay) if t.ema else None
-    sched = Schedules(t, cfg.model, world)
+    pipe = None
+    if cfg.parallel.pp > 1:
+        from dsv3.train.pipeline_step import PipelineStep
+
+        pipe = PipelineStep(model, cfg)
+    data_rank, data_world = (0, 1) if pipe is not None else (rank, world)  # pipeline ranks share the batch
+    sched = Schedules(t, cfg.model, data_world)
     shards = shard_dir(cfg)
     stream = PackedStream(shards, "train", t.seq_len, seed=t.seed)
     val = PackedStream(shards, "val", t.seq_len, shuffle=False)
@@ -259,9 +275,10 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             path = None
             if ema is not None:
                 ema.wait()
+            opt_state = pipe.full_optimizer(opt) if pipe is not None else opt
             if rank == 0:
                 state["load_total"] = load_total.tolist()
-                path = ckpt.save(ck_root, step, model, opt, {k: v for k, v in state.items() if k != "step"},
+                path = ckpt.save(ck_root, step, model, opt_state, {k: v for k, v in state.items() if k != "step"},
                                  ema=ema, tokenizer_dir=tokenizer_dir(cfg), keep_last=t.keep_last)
             if world > 1:
                 dist.barrier()
@@ -302,10 +319,12 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             model.mtp_loss_weight = sched.mtp_weight(s)
             B = sched.batch(s)
             mb, acc = sched.micro_batches(s)
-            x = stream.rank_batch(state["data_pos"], B, rank, world).to(device)
+            x = stream.rank_batch(state["data_pos"], B, data_rank, data_world).to(device)
             n_mtp = cfg.model.num_nextn_predict_layers
             sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
-            for i in range(acc):
+            if pipe is not None:
+                sums = pipe.forward_backward(x, model.mtp_loss_weight, autocast_ctx(t.precision, device))
+            for i in range(acc if pipe is None else 0):
                 xb = x[i * mb:(i + 1) * mb]
                 with autocast_ctx(t.precision, device):
                     out = model(xb, labels=xb)
@@ -317,12 +336,15 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                          *[m.detach() for m in out.mtp_losses]]
                 parts += [torch.zeros(())] * (3 + n_mtp - len(parts))
                 sums += torch.stack([p.double().cpu() for p in parts]) / acc
-            if world > 1:
+            if world > 1 and pipe is None:
                 allreduce_grads(params, world)
                 dist.all_reduce(sums)
                 sums /= world
             loss_val = float(sums[0])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+            if pipe is not None:
+                grad_norm = pipe.clip_grad_norm(t.grad_clip)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
             mean = state["loss_mean"]
             spike = (not math.isfinite(loss_val) or not math.isfinite(grad_norm)
                      or (mean is not None and state["good"] >= 20 and loss_val > t.spike_factor * mean))
@@ -333,6 +355,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 load = load_d.cpu()
             if not spike:
                 opt.step()
+                if pipe is not None:
+                    pipe.sync_weights()
                 if n_moe:
                     model.update_bias(sched.bias_gamma(s), load.float().to(device))
                     load_total += load
@@ -362,6 +386,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 if not marker.exists():
                     marker.touch()
                     os.kill(os.getpid(), signal.SIGKILL)
+            pipe_m = pipe.bubble_metrics() if pipe is not None and (s % t.log_every == 0 or s == t.steps) else {}
             if rank == 0:
                 tok_s = B * t.seq_len / dt
                 rec = {"step": s, "train/loss": loss_val, "train/main_loss": float(sums[1]),
@@ -378,6 +403,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                     for i, r in enumerate(ratio.tolist()):
                         rec[f"moe/load_max_over_mean/layer_{i}"] = r
                     rec["moe/bias_norm"] = float(ckpt.routing_biases(model).norm())
+                rec.update(pipe_m)
                 history.append(rec)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -429,6 +455,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 os.replace(tmp, final_dir)
                 result.model_dir = str(final_dir)
             if run is not None:
+                if pipe is not None and pipe.gantt(out_dir / "pipeline_gantt.png"):
+                    tracking.log_artifact(out_dir / "pipeline_gantt.png", "plots")
                 _log_end(cfg, stage, result, history, val_hist, load_total, latest, final_dir)
             (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1))
             _say(f"[{stage}] done: {state['step']} steps in {_fmt_eta(time.perf_counter() - t_start)}; "

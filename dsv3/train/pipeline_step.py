@@ -1,0 +1,257 @@
+"""One optimizer step's loss + gradients through a pipeline schedule (report §3.2.1), for `train(cfg)`
+when `cfg.parallel.pp > 1` (issue 7 point 5).
+
+The pipeline ranks are the workers of the training group (Ray Train via `dsv3.launch.run_training`
+with dp × pp workers; gloo on CPU, NCCL on GPU); this module only uses the torch.distributed group.
+
+Design:
+- Every rank builds the whole `DeepSeekV3` from the same seed and runs the stages of its schedule
+  (`pipeline_for`: DualPipe ranks r and PP-1-r, DualPipeV r and 2PP-1-r, 1F1B r). Only the parameters
+  of those stages ("held") get gradients, so AdamW (built over the whole model) updates only them.
+  After `opt.step()`, `sync_weights()` broadcasts each parameter from its owner (the lowest rank that
+  holds it), so every rank again has the whole, current model: evaluation, the CPU EMA, checkpoints
+  (rank 0 saves the whole model, the HF export stays one model), rollbacks and resume work unchanged.
+  The optimizer state is assembled from the owners for a checkpoint (`full_optimizer`). This keeps
+  the pp == 1 code path untouched; the price is that a rank stores the whole model (no memory saving
+  from PP yet) and one weight broadcast per step.
+- A step: the global batch (all ranks read the same batch) is cut into `parallel.chunks` micro-batches.
+  DualPipe: rank 0 feeds the first half and computes the loss of the second, rank PP-1 the other way
+  round; DualPipeV: rank 0 feeds and computes the loss; 1F1B: rank 0 feeds, rank PP-1 the loss. The
+  criterion is the last stage's CE(main) + λ·MTP divided by the number of chunks, and the balance loss
+  gets d/d(aux) = 1/chunks, so the gradients are those of `model(x, labels=x).loss` on the whole batch
+  (equal-length packed sequences: the mean of the chunk means is the batch mean).
+- Gradients: `DualPipe.sync_grads()` sums the two copies of each stage; for the other schedules the
+  parameters held by several ranks (the embedding: stage 0 and the MTP of the last stage under 1F1B)
+  are all-reduced. The gradient norm for clipping is summed over owners (a replicated stage counts once).
+- The loss parts (main, MTP per depth, balance) are accumulated on the stages that compute them and
+  all-reduced, so the reported `train/loss` is the model's total loss, as in the non-pipelined loop.
+  Expert loads are all-reduced by the loop as under data parallelism (a layer's counts are non-zero
+  only on the ranks running it), so every rank applies the same routing-bias update (§2.1.2).
+- Bubbles: each step's per-rank timelines are gathered on the logging steps; rank 0 logs the measured
+  bubble fraction per rank, the mean, and the analytic values of bubble.analytic with measured op costs;
+  `gantt(path)` draws the last gathered step.
+Not supported yet (clear errors): dp > 1 together with pp > 1, fp8 (its Linear layers cannot take the
+zero-bubble weight-grad split), debug NaN injection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from dsv3.model.config import ConfigError
+
+
+def check_config(cfg, world: int) -> None:
+    """Errors for a pipeline run that cannot work, naming the config key."""
+    p, t = cfg.parallel, cfg.train
+    if world % p.pp:
+        raise ConfigError(f"parallel.pp: pp={p.pp} does not divide the number of ranks {world} (pipeline runs "
+                          "need pp ranks: dsv3 pretrain / dsv3.launch.run_training start dp × pp Ray workers)")
+    if world != p.dp * p.pp:
+        raise ConfigError(f"parallel: dp × pp = {p.dp} × {p.pp} = {p.dp * p.pp} ranks expected, got {world} "
+                          "(launch with dsv3.launch.run_training / dsv3 pretrain, which starts dp × pp workers)")
+    if p.dp > 1:
+        raise ConfigError(f"parallel.dp: data parallelism ({p.dp}) combined with pp > 1 is not supported yet")
+    if p.schedule == "dualpipe" and p.pp % 2:
+        raise ConfigError(f"parallel.pp: DualPipe needs an even number of pipeline ranks, got {p.pp}")
+    n = p.chunks
+    if p.schedule in ("dualpipe", "dualpipev") and n < 2 * p.pp:
+        raise ConfigError(f"parallel.num_chunks: {p.schedule} needs >= 2*pp = {2 * p.pp}, got {n}")
+    n_stages = 2 * p.pp if p.schedule == "dualpipev" else p.pp
+    if n_stages > cfg.model.num_hidden_layers:
+        raise ConfigError(f"parallel.pp: {p.schedule} with pp={p.pp} needs {n_stages} stages but the model has "
+                          f"{cfg.model.num_hidden_layers} layers")
+    if t.precision == "fp8":
+        raise ConfigError("train.precision: fp8 with pipeline parallelism is not supported yet")
+    if t.debug_nan_steps:
+        raise ConfigError("train.debug_nan_steps: not supported with pipeline parallelism")
+    from dsv3.train.schedule import Schedules
+
+    for b in sorted(set(Schedules(t, cfg.model, p.dp).plan.batches)):
+        if b % n:
+            raise ConfigError(f"parallel.num_chunks: the batch size {b} is not divisible into {n} micro-batches "
+                              "(train.batch_size / batch ramp must be multiples of num_chunks)")
+
+
+class PipelineStep:
+    """This rank's part of a pipeline-parallel training step; see the module docstring."""
+
+    def __init__(self, model, cfg, group=None):
+        from dsv3.parallel.stages import pipeline_for
+
+        self.model, self.cfg = model, cfg
+        self.group = group or dist.group.WORLD
+        self.rank, self.pp = dist.get_rank(self.group), dist.get_world_size(self.group)
+        check_config(cfg, dist.get_world_size())
+        self.kind, self.chunks = cfg.parallel.schedule, cfg.parallel.chunks
+        self.seq_len = cfg.train.seq_len
+        self.pipe, self.criterion = pipeline_for(model, self.kind, 1, self.seq_len, self.group,
+                                                 cfg.parallel.stage_bounds)
+        self.stages = list(self.pipe.module)
+        params = list(model.parameters())
+        index = {id(p): i for i, p in enumerate(params)}
+        self.params = params
+        held = sorted({index[id(p)] for m in self.stages for p in m.parameters()})
+        self.held = set(held)
+        all_held = [None] * self.pp
+        dist.all_gather_object(all_held, held, group=self.group)
+        holders: dict[int, list[int]] = {}
+        for r, hs in enumerate(all_held):
+            for i in hs:
+                holders.setdefault(i, []).append(r)
+        missing = [i for i in range(len(params)) if i not in holders]
+        if missing:
+            raise RuntimeError(f"parameters held by no pipeline rank: {missing[:5]}")
+        self.owner = {i: min(rs) for i, rs in holders.items()}
+        # parameters held by several ranks outside DualPipe's stage copies (sync_grads sums those)
+        self.shared = [] if self.kind == "dualpipe" else sorted(i for i, rs in holders.items() if len(rs) > 1)
+        self.timelines: list | None = None
+        self.opt_index = None
+
+    # ---------- the step ----------
+    def _feed(self, x: torch.Tensor):
+        """(inputs, labels) this rank passes to pipe.step; labels = (input_ids, labels) per loss chunk."""
+        first, last, half = self.rank == 0, self.rank == self.pp - 1, x.shape[0] // 2
+        if self.kind == "dualpipe":
+            if first:  # pp == 2: rank 0 is the first stage of one direction only
+                return (x[:half],), (x[half:], x[half:])
+            if last:
+                return (x[half:],), (x[:half], x[:half])
+            return (), ()
+        if self.kind == "dualpipev":
+            return ((x,), (x, x)) if first else ((), ())
+        return ((x,) if first else ()), ((x, x) if last else ())
+
+    def forward_backward(self, x: torch.Tensor, mtp_weight: float, autocast) -> torch.Tensor:
+        """Loss + grads of the whole batch `x` [B, S] (labels = x); returns the all-reduced
+        [loss, main, balance, mtp_1..] (float64, as the loop's `sums`)."""
+        n = self.chunks
+        B, S = x.shape
+        if B % n:
+            raise ValueError(f"batch of {B} is not divisible into parallel.num_chunks={n} micro-batches")
+        self.pipe.set_p2p_tensor_shapes([(B // n, S, self.model.config.hidden_size)])
+        for st in self.stages:
+            st.aux_grad_scale, st.stats = 1.0 / n, {}
+            if st.last:
+                st.mtp_loss_weight = mtp_weight
+        inputs, labels = self._feed(x)
+        crit = (lambda h, ids, lab: self.criterion(h, ids, lab) / n) if self.criterion is not None else None
+        with autocast:
+            loss, _ = self.pipe.step(*inputs, num_chunks=n, criterion=crit, labels=labels)
+        n_mtp = self.cfg.model.num_nextn_predict_layers
+        parts = torch.zeros(3 + n_mtp, dtype=torch.float64)
+        for st in self.stages:
+            s, st.stats = st.stats, None
+            parts[1] += float(s.get("main", 0.0))
+            parts[2] += float(s.get("balance", 0.0))
+            for k, v in s.get("mtp", {}).items():
+                parts[3 + k] += float(v)
+        parts[1:] /= n
+        if loss is not None:
+            parts[0] = float(loss.double().sum())
+        parts[0] += parts[2]  # the balance loss is not in the pipeline's criterion
+        dev = self.pipe._device
+        parts_d = parts.to(dev)
+        dist.all_reduce(parts_d, group=self.group)
+        self._sync_grads()
+        return parts_d.cpu()
+
+    def _sync_grads(self) -> None:
+        if self.kind == "dualpipe":
+            self.pipe.sync_grads()
+        if self.shared:
+            ps = [self.params[i] for i in self.shared]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            dist.all_reduce(flat, group=self.group)
+            off = 0
+            for i, p in zip(self.shared, ps):
+                if i in self.held:
+                    p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global grad norm (each parameter counted once, on its owner) and clipping, as clip_grad_norm_."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.pipe._device)
+        for i in self.held:
+            g = self.params[i].grad
+            if g is not None and self.owner[i] == self.rank:
+                sq += g.double().pow(2).sum()
+        dist.all_reduce(sq, group=self.group)
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0 or not math.isfinite(norm):
+            for i in self.held:
+                if self.params[i].grad is not None:
+                    self.params[i].grad.mul_(coef)
+        return norm
+
+    # ---------- whole-model state ----------
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Broadcast every parameter from its owner: afterwards each rank holds the whole current model."""
+        for r in range(self.pp):
+            ps = [p for i, p in enumerate(self.params) if self.owner[i] == r]
+            if not ps:
+                continue
+            flat = torch._utils._flatten_dense_tensors([p.data for p in ps])
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD
+                           else r, group=self.group)
+            if r != self.rank:
+                for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, [p.data for p in ps])):
+                    p.copy_(v)
+
+    def full_optimizer(self, opt):
+        """An object whose state_dict() is the whole model's AdamW state (each entry from its owner);
+        a collective: call on every rank."""
+        if self.opt_index is None:
+            pos = {id(p): i for i, p in enumerate(self.params)}
+            self.opt_index = [pos[id(p)] for g in opt.param_groups for p in g["params"]]
+        sd = opt.state_dict()
+        mine = {k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in st.items()}
+                for k, st in sd["state"].items() if self.owner[self.opt_index[k]] == self.rank}
+        everyone = [None] * self.pp
+        dist.all_gather_object(everyone, mine, group=self.group)
+        state = {}
+        for d in everyone:
+            state.update(d)
+        full = {"state": dict(sorted(state.items())), "param_groups": sd["param_groups"]}
+
+        class _Full:
+            def state_dict(self_inner):
+                return full
+
+        return _Full()
+
+    # ---------- bubbles ----------
+    def bubble_metrics(self) -> dict:
+        """Gather this step's timelines (a collective); metrics for rank 0 (empty elsewhere)."""
+        from dsv3.parallel.bubble import gather_timelines, report
+
+        tls = gather_timelines(self.pipe)
+        if self.rank != 0:
+            return {}
+        self.timelines = tls
+        rep = report(self.kind, tls)
+        m = {"pipeline/bubble_fraction": rep["fraction"], "pipeline/bubble_s": rep["bubble"],
+             "pipeline/span_s": rep["span"]}
+        for r, st in enumerate(rep["per_rank"]):
+            m[f"pipeline/bubble_fraction/rank_{r}"] = st["fraction"]
+        for k, v in rep["costs"].items():
+            m[f"pipeline/op_s/{k}"] = v
+        for k, v in rep["analytic"].items():
+            m[f"pipeline/analytic_bubble_s/{k}"] = v
+        # the formula of the schedule in use (DualPipeV has DualPipe's bubble), as a fraction of the span
+        own = rep["analytic"]["1f1b" if self.kind == "1f1b" else "dualpipe"]
+        m["pipeline/analytic_bubble_fraction"] = own / rep["span"] if rep["span"] else 0.0
+        return m
+
+    def gantt(self, path) -> str | None:
+        from dsv3.parallel.bubble import gantt
+
+        if not self.timelines:
+            return None
+        return gantt(self.timelines, str(path), f"{self.kind} PP={self.pp}, {self.chunks} chunks (last step)")
