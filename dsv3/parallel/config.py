@@ -5,6 +5,9 @@
   indices where stages start (None: even split, see stages.layer_split).
 - `ep`, `ep_ranks_per_node`, `max_nodes`: expert-parallel ranks, ranks grouped into a "node", and M of
   node-limited routing (None: the model's own group-limited routing).
+Pretraining with `pp > 1` (§3.2.1) runs dp × pp Ray workers and replaces the loop's forward/backward
+with dsv3/train/pipeline_step.py (its `check_config` adds the run-level errors: pp vs the number of
+ranks, stages vs layers, batch vs num_chunks).
 """
 
 from typing import Literal
