@@ -85,14 +85,6 @@ def test_dvc_push_pull_local_remote(repo):
     assert "up to date" in dvc(repo, "status")
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_prefect_flow_logs_version_and_stats(repo, prefect_harness, tmp_path, monkeypatch):

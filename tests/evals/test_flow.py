@@ -4,14 +4,6 @@ results logged to MLflow and published as the `eval-results` markdown artifact."
 import pytest
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_evaluate_flow(prefect_harness, tiny_ckpt, tiny_data, tmp_path, monkeypatch):

@@ -22,17 +22,14 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_posttrain_flow_end_to_end(tmp_path, mlflow_uri):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_posttrain_flow_end_to_end(tmp_path, mlflow_uri, prefect_harness):
     from dsv3 import DeepSeekV3, tracking
     from dsv3.config import RunConfig
     from flows.posttrain import posttrain_flow
 
     cfg = RunConfig.load(None, TINY + [f"posttrain.out_dir={tmp_path}/pt", f"posttrain.data.out_dir={tmp_path}/data",
                                        f"train.out_dir={tmp_path}/none"])
-    with prefect_test_harness(server_startup_timeout=180):
-        res = posttrain_flow(cfg)
+    res = posttrain_flow(cfg)
     assert res["model_uri"] == "models:/dsv3-chat/1"
     assert (tmp_path / "data" / "sft_train.jsonl").is_file() and (tmp_path / "data" / "sft_train.meta.json").is_file()
     from mlflow.tracking import MlflowClient

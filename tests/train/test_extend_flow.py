@@ -41,15 +41,12 @@ def test_extend_two_yarn_stages(tiny_shards, tmp_path, mlflow_uri):
     assert child.data.params["train.seq_len"] == "128"
 
 
-def test_pretrain_flow_in_prefect(tiny_shards, tmp_path, mlflow_uri, capsys):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_pretrain_flow_in_prefect(tiny_shards, tmp_path, mlflow_uri, capsys, prefect_harness):
     from flows.pretrain import pretrain_flow, summary
 
     cfg = tiny_cfg(tiny_shards, tmp_path / "flow", "train.steps=2",
                    "train.extend.stages=[{factor: 2, seq_len: 64, steps: 1, batch_size: 2}]")
-    with prefect_test_harness(server_startup_timeout=180):
-        res = pretrain_flow(cfg, run_data=False, use_ray=False)
+    res = pretrain_flow(cfg, run_data=False, use_ray=False)
     text = summary(res, 1.0)
     assert res["run_id"] in text and "mlflow ui" in text and "prefect server start" in text
     assert res["extend"]["checkpoint"] in text
