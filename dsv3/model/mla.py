@@ -114,10 +114,11 @@ class MLA(nn.Module):
 
 
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
-    """SDPA; in half precision v is zero-padded to the q/k head dim, which lets PyTorch's
-    fused CPU kernel run (~25% faster fwd+bwd than the unequal-dim fallback), then cut."""
+    """SDPA with v zero-padded to the q/k head dim (then cut): PyTorch's fused kernel is
+    ~1.5x faster fwd+bwd with equal head dims than with MLA's narrower v (measured on CPU,
+    fp32 and bf16, 2 threads); the padded columns contribute exact zeros."""
     dv, dqk = v.shape[-1], q.shape[-1]
-    pad = q.dtype in (torch.bfloat16, torch.float16) and dv < dqk
+    pad = dv < dqk
     if pad:
         v = F.pad(v, (0, dqk - dv))
     if mask is None:
