@@ -9,7 +9,6 @@ Parameters come from params.yaml's `data:` section (DataConfig), then CLI flags 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -126,16 +125,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsv3.model.config import ConfigError
+    """`python -m dsv3.data.cli ...` == `dsv3 data ...` (what dvc.yaml's stages call)."""
+    from dsv3.cli import main as dsv3_main
 
-    ap = argparse.ArgumentParser(prog="python -m dsv3.data.cli")
-    register(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(["data", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"dsv3: config error: {e}", file=sys.stderr)
-        return 2
+    return dsv3_main(["data", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Design choices
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3.model.config import ConfigError, ModelConfig
+from dsv3.model.config import ModelConfig
 
 
 class CheckpointError(ValueError):
