@@ -14,7 +14,8 @@ more); "sequence" = mean over each response's tokens, then over responses (the
 DeepSeekMath formula). μ = `inner_epochs` optimisation passes reuse one rollout batch
 (π_old is the policy at rollout time), which is what makes the clip active.
 
-Tracked per step: `grpo/reward_mean`, `grpo/reward_std`, `grpo/kl`, `grpo/clip_frac`,
+Tracked per step: `grpo/reward_mean`, `grpo/reward_std`, `grpo/kl` (mean over the inner
+epochs; `grpo/kl_start`: before the step's first update), `grpo/clip_frac`,
 `grpo/resp_len`, `grpo/entropy`, `grpo/loss`. Rollouts may run on Ray actors
 (`rollout_workers > 0`, through `dsv3.launch.ray_map`); the policy weights travel to the
 workers each step as a CPU state dict.
@@ -138,10 +139,12 @@ def train_grpo(policy, tok, problems: list[dict], reward_fn, cfg, ref=None, log=
             ref_lp = token_logprobs(ref, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature)
         policy.train()
         agg: dict[str, float] = {}
-        for _ in range(cfg.inner_epochs):
+        for epoch in range(cfg.inner_epochs):
             lp, ent = token_logprobs(policy, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature,
                                      with_entropy=True)
             loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
+            if epoch == 0:  # KL of the rollout policy itself, before this step's updates
+                agg["kl_start"] = st["kl"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

@@ -90,7 +90,8 @@ def test_grpo_raises_mean_reward_from_sft_model(sft_result, tok):
     assert logged == list(range(1, 31))
     for k in ("grpo/kl", "grpo/clip_frac", "grpo/resp_len", "grpo/entropy", "grpo/reward_std"):
         assert all(math.isfinite(h[k]) for h in hist), k
-    assert hist[0]["grpo/kl"] < 0.05 and hist[-1]["grpo/kl"] > 0
+    # the first rollout policy is the reference itself; then the policy drifts away from it
+    assert hist[0]["grpo/kl_start"] < 1e-6 and hist[-1]["grpo/kl"] > 0
     assert all(0 <= h["grpo/clip_frac"] <= 1 for h in hist)
 
 
