@@ -45,9 +45,13 @@ def write_params(repo: str, cfg: DataConfig) -> None:
     p.write_text(yaml.safe_dump(d, sort_keys=False))
 
 
+# the dvc.yaml stages this flow runs and versions (sft_data, the post-training SFT data, is not one)
+DATA_STAGES = ("curate", "tokenizer", "shards")
+
+
 @task
 def dvc_repro(repo: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=_env(), capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "dvc", "repro", *DATA_STAGES], cwd=repo, env=_env(), capture_output=True, text=True)
     get_run_logger().info(r.stdout[-4000:])
     if r.returncode:
         raise RuntimeError(f"dvc repro failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -55,13 +59,13 @@ def dvc_repro(repo: str) -> str:
 
 
 def data_version(repo: str | Path) -> tuple[str, dict]:
-    """(digest, {out path: md5}) of the data outs in dvc.lock (metrics files, which hold timings, excluded)."""
+    """(digest, {out path: md5}) of the DATA_STAGES outs in dvc.lock (metrics files, which hold timings, excluded)."""
     lock = yaml.safe_load((Path(repo) / "dvc.lock").read_text())
     spec = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())
     metrics = {next(iter(m)) if isinstance(m, dict) else m for st in spec["stages"].values()
                for m in st.get("metrics", [])}
-    outs = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-            if o["path"] not in metrics}
+    outs = {o["path"]: o["md5"] for name, st in lock["stages"].items() if name in DATA_STAGES
+            for o in st.get("outs", []) if o["path"] not in metrics}
     digest = hashlib.sha256(json.dumps(outs, sort_keys=True).encode()).hexdigest()[:16]
     return digest, outs
 

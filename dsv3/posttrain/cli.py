@@ -1,9 +1,14 @@
-"""`dsv3 sft | reward | grpo | distill`: each post-training stage on its own (DeepSeek-V3 §5).
+"""`dsv3 sft-data | sft | reward | grpo | distill`: each post-training stage on its own (DeepSeek-V3 §5).
 
 Every command takes the run config (`--config` YAML + `--set key=value`), an input
 checkpoint URI (path, runs:/, models:/) and an output directory, and is one MLflow run
 (`dsv3.posttrain.pipeline`). `dsv3 sft` generates the SFT data first unless `--data`
 points at an existing `sft_train.jsonl` (its `sft_val.jsonl` sibling is the validation set).
+
+`dsv3 sft-data --out DIR` only writes the SFT data (no MLflow run): the programmatic
+records, or rejection-sampled ones with `--teacher` / `posttrain.data.teacher`, plus a
+deterministic counts file (`--stats`, default `DIR_stats.json`). It is the DVC stage
+`sft_data` (dvc.yaml), which reads `posttrain.data.*` from params.yaml.
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ def _data(cfg, path: str | None) -> dict:
 def _print(res: dict) -> int:
     print(json.dumps({k: v for k, v in res.items() if k not in ("history", "records")}, indent=2, default=str))
     return 0
+
+
+def _sft_data(a) -> int:
+    from dsv3.posttrain import pipeline
+
+    res = pipeline.generate_sft_data(_cfg(a), a.out, teacher_uri=a.teacher)
+    out = Path(a.out)
+    stats = Path(a.stats) if a.stats else out.with_name(out.name + "_stats.json")
+    keep = ("n_train", "n_val", "kinds_train", "kinds_val", "sha256", "rejection")
+    stats.write_text(json.dumps({k: res[k] for k in keep if k in res}, indent=2, sort_keys=True) + "\n")
+    return _print(res)
 
 
 def _sft(a) -> int:
@@ -72,6 +88,14 @@ def register(sub) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--init", required=init_required, help="input checkpoint (path / runs:/ / models:/)")
         p.add_argument("--out", required=True, help="output checkpoint directory")
+
+    p = sub.add_parser("sft-data", help="generate the SFT data: JSONL + provenance + counts (§5.1; DVC stage)")
+    p.add_argument("--config", default=None, help="RunConfig YAML (params.yaml works: posttrain.data.*)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="output folder (sft_train/sft_val .jsonl + .meta.json)")
+    p.add_argument("--stats", default=None, help="counts JSON (default: <out>_stats.json, a DVC metric)")
+    p.add_argument("--teacher", default=None, help="rejection-sample from this checkpoint (default: none)")
+    p.set_defaults(func=_sft_data)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on generated chat data (§5.1)")
     common(p, init_required=False)

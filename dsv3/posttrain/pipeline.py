@@ -49,32 +49,48 @@ def fresh_init(run_cfg, out_dir: str | Path, seed: int = 0) -> str:
     return _save(DeepSeekV3(mcfg), tok, Path(out_dir))
 
 
-def stage_data(run_cfg, parent_run_id: str | None = None, teacher_uri: str | None = None) -> dict:
-    """Generate the SFT data (optionally rejection-sampled from a teacher) as JSONL + provenance."""
+def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: str | None = None) -> dict:
+    """Generate the SFT data (optionally rejection-sampled from a teacher) as JSONL + provenance.
+
+    No MLflow: `dsv3 sft-data` (the DVC stage `sft_data`) and `stage_data` call it. Writes
+    `sft_train`/`sft_val` (.jsonl + .meta.json) under `out_dir` (default
+    `posttrain.data.out_dir`); returns paths, digest and deterministic counts.
+    """
     d = run_cfg.posttrain.data
+    out = Path(out_dir if out_dir is not None else d.out_dir)
+    recs = build_sft_dataset(d)
+    prov = {"generator": "dsv3.posttrain.sft_data", "seed": d.seed, "config": d.model_dump()}
+    teacher = teacher_uri or d.teacher
+    res: dict = {}
+    if teacher:
+        from dsv3.posttrain.rewards import build_reward
+        from dsv3.posttrain.sft_data import rejection_sample
+
+        model, tok, _ = load_model(teacher)
+        verifiable = [r for r in recs if r["kind"] != "instruction"]
+        kept, st = rejection_sample(model, tok, verifiable, build_reward(run_cfg.posttrain.reward),
+                                    d.samples_per_prompt, d.max_new_tokens, d.temperature,
+                                    teacher_uri=str(teacher))
+        recs = kept + [r for r in recs if r["kind"] == "instruction"]
+        prov.update(teacher=str(teacher), rejection=st)
+        res["rejection"] = st
+    tr, va = split(recs, d.val_fraction, d.seed)
+    mt = write_dataset(tr, out, "sft_train", prov)
+    mv = write_dataset(va, out, "sft_val", prov)
+    return {**res, "train": mt["path"], "val": mv["path"], "sha256": mt["sha256"], "n_train": mt["n"],
+            "n_val": mv["n"], "kinds_train": mt["kinds"], "kinds_val": mv["kinds"]}
+
+
+def stage_data(run_cfg, parent_run_id: str | None = None, teacher_uri: str | None = None) -> dict:
+    """`generate_sft_data` as an MLflow run (counts, accept rate, dataset input with its digest)."""
     with tracking.start_run(run_cfg, stage="sft_data",
                             parent_run_id=parent_run_id) as run:
-        recs = build_sft_dataset(d)
-        prov = {"generator": "dsv3.posttrain.sft_data", "seed": d.seed, "config": d.model_dump()}
-        teacher = teacher_uri or d.teacher
-        if teacher:
-            from dsv3.posttrain.rewards import build_reward
-            from dsv3.posttrain.sft_data import rejection_sample
-
-            model, tok, _ = load_model(teacher)
-            verifiable = [r for r in recs if r["kind"] != "instruction"]
-            kept, st = rejection_sample(model, tok, verifiable, build_reward(run_cfg.posttrain.reward),
-                                        d.samples_per_prompt, d.max_new_tokens, d.temperature,
-                                        teacher_uri=str(teacher))
-            recs = kept + [r for r in recs if r["kind"] == "instruction"]
-            prov.update(teacher=str(teacher), rejection=st)
-            tracking.log_metrics({"data/accept_rate": st["accept_rate"]}, 0)
-        tr, va = split(recs, d.val_fraction, d.seed)
-        mt = write_dataset(tr, d.out_dir, "sft_train", prov)
-        mv = write_dataset(va, d.out_dir, "sft_val", prov)
-        tracking.log_metrics({"data/n_train": mt["n"], "data/n_val": mv["n"]}, 0)
-        tracking.log_dataset_input(mt["sha256"], "sft_train", mt["path"])
-        return {"train": mt["path"], "val": mv["path"], "sha256": mt["sha256"], "run_id": run.info.run_id}
+        res = generate_sft_data(run_cfg, teacher_uri=teacher_uri)
+        if "rejection" in res:
+            tracking.log_metrics({"data/accept_rate": res["rejection"]["accept_rate"]}, 0)
+        tracking.log_metrics({"data/n_train": res["n_train"], "data/n_val": res["n_val"]}, 0)
+        tracking.log_dataset_input(res["sha256"], "sft_train", res["train"])
+        return {"train": res["train"], "val": res["val"], "sha256": res["sha256"], "run_id": run.info.run_id}
 
 
 def stage_sft(run_cfg, init_uri: str, data: dict, out_dir: str | Path, parent_run_id: str | None = None) -> dict:
