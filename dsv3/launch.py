@@ -96,7 +96,7 @@ def _train_worker(config: dict) -> None:
           stage=config["stage"], run_name=config.get("run_name"), tags=config.get("tags"))
 
 
-def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, resume: bool = False,
+def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = None, resume: bool = False,
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
                  placement_strategy: str = "PACK") -> dict:
@@ -111,6 +111,10 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool = False, res
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if use_gpu is None:  # parallel.use_gpu, else whether CUDA is visible here
+        import torch
+
+        use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else torch.cuda.is_available()
     n = int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
     if cfg.parallel.pp > 1:
         from dsv3.train.pipeline_step import check_config

@@ -26,6 +26,7 @@ class ParallelConfig(BaseModel):
     ep: int = Field(1, ge=1)
     ep_ranks_per_node: int = Field(1, ge=1)
     max_nodes: int | None = Field(None, ge=1)
+    use_gpu: bool | None = None  # Ray workers get one GPU each (NCCL); None: when CUDA is visible to the launcher
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":

@@ -24,12 +24,9 @@ def _load(a):
 def _pretrain(a) -> int:
     cfg = _load(a)
     if a.ray or cfg.parallel.pp > 1:
-        import torch
-
         from dsv3.launch import run_training
 
-        use_gpu = cfg.parallel.pp > 1 and torch.cuda.is_available()  # pp == 1 --ray: unchanged (CPU workers)
-        res = run_training(cfg, num_workers=a.workers, resume=a.resume, use_gpu=use_gpu)
+        res = run_training(cfg, num_workers=a.workers, resume=a.resume)  # GPUs per parallel.use_gpu
     else:
         from dsv3.train.loop import train
 
