@@ -4,29 +4,13 @@ git repo (repro, no-op second repro, a posttrain.data param change re-runs it, m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
 from dsv3.posttrain.config import DataGenConfig
 
-ROOT = Path(__file__).parents[2]
-ENV = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def sh(repo: Path, *cmd: str) -> str:
-    r = subprocess.run(list(cmd), cwd=repo, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{cmd}: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
-
-
-def dvc(repo: Path, *args: str) -> str:
-    return sh(repo, sys.executable, "-m", "dvc", *args)
+from ..dvc_helpers import ROOT, dvc, sh
 
 
 def test_params_yaml_posttrain_data_mirrors_datagenconfig():
