@@ -94,16 +94,20 @@ class DeepSeekMoE(nn.Module):
         flat = x.reshape(-1, D)
         scores = self.gate.scores(flat)
         weights, indices = self.gate.route(scores)
+        self.account(scores, indices, B, S)
+        y = self.dispatch(flat, weights, indices).view(B, S, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def account(self, scores: torch.Tensor, indices: torch.Tensor, B: int, S: int) -> None:
+        """Training bookkeeping of one routing: per-expert load counts and the balance loss."""
         if self.training and self.gate.count_load:
             with torch.no_grad():
                 self.gate.load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
         self.balance_loss = None
         if self.training and self.alpha > 0 and torch.is_grad_enabled():
             self.balance_loss = self._sequence_balance_loss(scores.view(B, S, -1), indices.view(B, S, -1))
-        y = self.dispatch(flat, weights, indices).view(B, S, D)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort (token, expert) pairs by expert, run each expert on its slice, scatter back."""

@@ -78,7 +78,7 @@ class ExpertParallelMoE(DeepSeekMoE):
         self.local_range = (lo, lo + self.per_rank)
         self.gate, self.shared_experts = moe.gate, moe.shared_experts
         self.experts = nn.ModuleList(moe.experts[lo:lo + self.per_rank])
-        self.alpha, self._balance = moe.alpha, moe._sequence_balance_loss
+        self.alpha = moe.alpha
         self.balance_loss = None
 
     # ---------- routing ----------
@@ -129,19 +129,11 @@ class ExpertParallelMoE(DeepSeekMoE):
         ws = weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, tok, (ys * ws.to(x.dtype)).to(x.dtype))
 
-    def _count(self, scores, indices, B, S):
-        if self.training and self.gate.count_load:
-            with torch.no_grad():
-                self.gate.load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
-        self.balance_loss = None
-        if self.training and self.alpha > 0 and torch.is_grad_enabled():
-            self.balance_loss = self._balance(scores.view(B, S, -1), indices.view(B, S, -1))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         scores, weights, indices = self.route(flat)
-        self._count(scores, indices, B, S)
+        self.account(scores, indices, B, S)
         order, tok, send, recv, local_ids = self._plan(indices)
         rows = all_to_all(flat[tok], recv, send, self.group)          # dispatch
         back = all_to_all(self._experts(rows, local_ids), send, recv, self.group)  # combine
