@@ -29,6 +29,10 @@ Design choices
   weights are re-assembled on every rank after the update, so the rest of the loop is unchanged.
   Bubble fractions (measured per rank, analytic) are logged as `pipeline/*` and a Gantt chart as
   `plots/pipeline_gantt.png`.
+- Expert parallelism (§3.2.2, `parallel.ep > 1`): after the model is built, `ExpertStep` shards its routed
+  experts over EP groups of the data-parallel ranks (dsv3/train/expert_step.py); its hooks replace the
+  gradient all-reduce, the clipping norm, checkpoint save (whole model gathered to rank 0) and load
+  (each rank keeps its slice); validation pads the ranks to the same number of forwards.
 """
 
 from __future__ import annotations
@@ -162,16 +166,18 @@ def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, stream: PackedStream, batches: int, batch: int, precision: str,
-             rank: int = 0, world: int = 1) -> tuple[float, float | None]:
-    """Mean next-token loss (nats) on fixed validation windows, and bits per byte."""
+             rank: int = 0, world: int = 1, ep=None) -> tuple[float, float | None]:
+    """Mean next-token loss (nats) on fixed validation windows, and bits per byte.
+    `ep` (an ExpertStep): every rank runs the same number of forwards (an EP forward is a collective)."""
     was = model.training
     model.eval()
     tot = torch.zeros(2, dtype=torch.float64)
-    for x in stream.eval_batches(batches, batch, rank, world):
+    xs = list(stream.eval_batches(batches, batch, rank, world))
+    for x, counted in (ep.pad_batches(xs, stream.seq_len) if ep is not None else [(x, True) for x in xs]):
         x = x.to(model.device)
         with autocast_ctx(precision, model.device):
             out = model(x, labels=x, return_mtp=False)
-        n = x.shape[0] * (x.shape[1] - 1)
+        n = x.shape[0] * (x.shape[1] - 1) if counted else 0
         tot += torch.tensor([out.main_loss.double().item() * n, n], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(tot)
@@ -195,14 +201,25 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
         from dsv3.train.pipeline_step import check_config
 
         check_config(cfg, world)  # before any work: a pipeline needs dp × pp ranks
+    if cfg.parallel.ep > 1:
+        from dsv3.train.expert_step import check_config as check_ep
+
+        check_ep(cfg, world)  # before any work: ep groups of the dp ranks
     if t.threads:
         torch.set_num_threads(t.threads)
     random.seed(t.seed)
     np.random.seed(t.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(cfg, device)
+    ep = None
+    if cfg.parallel.ep > 1:
+        from dsv3.train.expert_step import ExpertStep
+
+        ep = ExpertStep(model, cfg)  # shards the routed experts in place: before the optimizer and EMA
+    load_ckpt = ep.load if ep is not None else ckpt.load
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    n_params = ep.n_params if ep is not None else sum(p.numel() for p in params)  # the whole model's
     opt = make_optimizer(model, t)
     ema = CpuEMA(model, t.ema_decay) if t.ema else None
     pipe = None
@@ -234,7 +251,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     if resume:
         c = ckpt.latest(ck_root)
         if c is not None:
-            state.update(ckpt.load(c, model, opt, ema))
+            state.update(load_ckpt(c, model, opt, ema))
             resumed_from = str(c)
             _say(f"[{stage}] resumed from {c} (step {state['step']})", rank)
         else:
@@ -266,9 +283,9 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             result.run_id = run.info.run_id
             tracking.log_dataset_input(dataset_digest(shards), name=Path(shards).name, source=shards)
             tracking.log_params({"derived.total_tokens": sched.plan.total_tokens, "derived.world_size": world,
-                                 "derived.n_params": sum(p.numel() for p in params),
+                                 "derived.n_params": n_params,
                                  "derived.matmul_peak_flops": f"{peak:.3e}"})
-        _say(f"[{stage}] {sum(p.numel() for p in params) / 1e6:.1f}M params, {t.steps} steps, "
+        _say(f"[{stage}] {n_params / 1e6:.1f}M params, {t.steps} steps, "
              f"{sched.plan.total_tokens:,} tokens, precision {t.precision}, {world} rank(s)", rank)
 
         def save_ckpt(step: int) -> Path | None:
@@ -276,24 +293,27 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             if ema is not None:
                 ema.wait()
             opt_state = pipe.full_optimizer(opt) if pipe is not None else opt
+            whole, ema_state = model, ema
+            if ep is not None:  # a collective: the expert slices (weights, AdamW, EMA) gathered to rank 0
+                whole, opt_state, ema_state = ep.full_state(opt, ema)
             if rank == 0:
                 state["load_total"] = load_total.tolist()
-                path = ckpt.save(ck_root, step, model, opt_state, {k: v for k, v in state.items() if k != "step"},
-                                 ema=ema, tokenizer_dir=tokenizer_dir(cfg), keep_last=t.keep_last)
+                path = ckpt.save(ck_root, step, whole, opt_state, {k: v for k, v in state.items() if k != "step"},
+                                 ema=ema_state, tokenizer_dir=tokenizer_dir(cfg), keep_last=t.keep_last)
             if world > 1:
                 dist.barrier()
             return path
 
         def do_eval(step: int) -> dict:
             m = {}
-            vl, vb = evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world), t.precision, rank, world)
+            vl, vb = evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world), t.precision, rank, world, ep)
             m["val/loss"] = vl
             if vb is not None:
                 m["val/bpb"] = vb
             if ema is not None:
                 with ema.swap_into(model):
                     el, eb = evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world),
-                                      t.precision, rank, world)
+                                      t.precision, rank, world, ep)
                 m["val/ema_loss"] = el
                 if eb is not None:
                     m["val/ema_bpb"] = eb
@@ -337,12 +357,17 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 parts += [torch.zeros(())] * (3 + n_mtp - len(parts))
                 sums += torch.stack([p.double().cpu() for p in parts]) / acc
             if world > 1 and pipe is None:
-                allreduce_grads(params, world)
+                if ep is not None:
+                    ep.allreduce_grads()
+                else:
+                    allreduce_grads(params, world)
                 dist.all_reduce(sums)
                 sums /= world
             loss_val = float(sums[0])
             if pipe is not None:
                 grad_norm = pipe.clip_grad_norm(t.grad_clip)
+            elif ep is not None:
+                grad_norm = ep.clip_grad_norm(t.grad_clip)
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
             mean = state["loss_mean"]
@@ -421,7 +446,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                     c = Path(box[0]) if box[0] else None
                 if c is not None:
                     keep = {k: state[k] for k in ("data_pos", "tokens", "skipped", "rollbacks", "mlflow_run_id")}
-                    state.update(ckpt.load(c, model, opt, ema))
+                    state.update(load_ckpt(c, model, opt, ema))
                     state.update(keep)
                     state["rollbacks"] += 1
                     state["bad"] = 0

@@ -1,0 +1,263 @@
+"""Expert parallelism in pretraining (report §3.2.2), for `train(cfg)` when `cfg.parallel.ep > 1` (issue 7).
+
+The ranks are the `parallel.dp` data-parallel workers of the training group (Ray Train via
+`dsv3.launch.run_training`; gloo on CPU, NCCL on GPU); this module only uses torch.distributed.
+
+Design (§3.2.2: attention and the dense parts data-parallel, routed experts sharded over the EP group):
+- Groups: consecutive blocks of `ep` = M ranks form the EP groups ({0..M-1}, {M..2M-1}, ...); rank j of
+  every EP group holds the same expert slice, so the "replica" groups are {j, j+M, j+2M, ...}. All groups
+  are created with `dist.new_group` in the same order on every rank.
+- Every rank builds the whole `DeepSeekV3` from the same seed (so weights equal the plain run's), then
+  `shard_experts` swaps each DeepSeekMoE (blocks and MTP) for an `ExpertParallelMoE` holding E/M routed
+  experts; the other experts are dropped (nothing references them: their parameters no longer exist on
+  this rank; the transient peak at build time is one whole model). The optimizer and the CPU EMA are
+  built afterwards, over the local parameters only. Routing is node-limited when `parallel.max_nodes`
+  is set (`parallel.ep_ranks_per_node` ranks per node), else the model's own group-limited routing.
+- Gradients: the all-to-all backward already sums, on the expert's owner, the contributions of all
+  tokens of the EP group. Non-expert parameters: all-reduce over the world / world (as the plain loop);
+  expert slices: all-reduce over the replica group / world. Both equal the plain DDP gradient
+  (mean over ranks of each rank's loss gradient).
+- Clipping: global norm² = dense norm² (identical on all ranks, counted once) + the sum over one EP
+  group of the expert-slice norms² (each slice once), then clip_grad_norm_'s rule.
+- Loads for the bias update (§2.1.2): an EP layer counts, for this rank's tokens, all E experts (routing
+  is replicated), so the loop's world all-reduce of `model.expert_load()` is already the global count
+  on every rank and the replicated gate bias gets the same update everywhere. Nothing to do here.
+- Checkpoints stay one whole model: `full_state(opt, ema)` (a collective) gathers the expert slices, their
+  AdamW state and their EMA to rank 0 of EP group 0 (global rank 0), which assembles a whole
+  `DeepSeekV3`, the optimizer state_dict a plain run would save (same parameter order) and the EMA dict;
+  `checkpoint.save` writes them unchanged. `load(ckpt, model, opt, ema)` is `checkpoint.load` for a
+  sharded model: each rank reads the whole checkpoint and keeps its slice (resume and rollback).
+  Evaluation, HF export, EMA evaluation and `init_from` (applied before sharding) work unchanged.
+- Evaluation: an EP forward is a collective, so every rank runs the same number of validation
+  forwards (`pad_batches`); the padding batches are not counted.
+Unsupported (ConfigError naming the key, from `check_config`, before any work): ep with pp > 1, ep not
+dividing parallel.dp or model.n_routed_experts, ranks != parallel.dp, a model without MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from dsv3.model.config import ConfigError
+
+
+def check_config(cfg, world: int) -> None:
+    """Errors for an expert-parallel run that cannot work, naming the config key."""
+    p, m = cfg.parallel, cfg.model
+    if p.ep <= 1:
+        return
+    if p.pp > 1:
+        raise ConfigError(f"parallel.ep: expert parallelism (ep={p.ep}) with pipeline parallelism (parallel.pp="
+                          f"{p.pp}) is not supported yet")
+    if p.dp % p.ep:
+        raise ConfigError(f"parallel.ep: ep={p.ep} does not divide parallel.dp={p.dp} (EP groups are made of "
+                          "data-parallel ranks)")
+    if m.n_routed_experts % p.ep:
+        raise ConfigError(f"parallel.ep: ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
+    if m.first_k_dense_replace >= m.num_hidden_layers and not m.num_nextn_predict_layers:
+        raise ConfigError(f"parallel.ep: ep={p.ep} but the model has no MoE layer (model.first_k_dense_replace)")
+    if world != p.dp:
+        raise ConfigError(f"parallel.dp: expert parallelism needs dp = {p.dp} ranks, got {world} (launch with "
+                          "dsv3.launch.run_training / dsv3 pretrain, which start parallel.dp workers)")
+
+
+class ExpertStep:
+    """This rank's expert-parallel state; see the module docstring. Shards `model` in place."""
+
+    def __init__(self, model, cfg):
+        from dsv3.parallel.expert import ExpertParallelMoE, shard_experts
+        from dsv3.train.optim import param_groups
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        check_config(cfg, self.world)
+        M = self.M = cfg.parallel.ep
+        self.config = model.config
+        for g in range(self.world // M):
+            ranks = list(range(g * M, (g + 1) * M))
+            pg = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.ep_group = pg
+        for j in range(M):
+            ranks = list(range(j, self.world, M))
+            pg = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.rep_group, self.n_rep = pg, len(ranks)
+        # the whole model's optimizer order (names), as a plain run's AdamW sees it
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        self.full_groups = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+        shard_experts(model, self.ep_group, cfg.parallel.ep_ranks_per_node, cfg.parallel.max_nodes)
+        self.glob: dict[str, str] = {}  # local parameter / buffer name -> name in the whole model
+        self.expert_names: set[str] = set()  # local names of this rank's routed-expert parameters
+        for mname, mod in model.named_modules():
+            if isinstance(mod, ExpertParallelMoE):
+                lo = mod.local_range[0]
+                for i, e in enumerate(mod.experts):
+                    for pn, _ in e.named_parameters():
+                        local = f"{mname}.experts.{i}.{pn}"
+                        self.glob[local] = f"{mname}.experts.{lo + i}.{pn}"
+                        self.expert_names.add(local)
+        named = list(model.named_parameters())
+        self.expert_params = [p for n, p in named if n in self.expert_names and p.requires_grad]
+        self.dense_params = [p for n, p in named if n not in self.expert_names and p.requires_grad]
+        n_exp = torch.tensor([sum(p.numel() for p in self.expert_params)], dtype=torch.float64)
+        dist.all_reduce(n_exp, group=self.ep_group)
+        self.n_params = sum(p.numel() for p in self.dense_params) + int(n_exp)  # the whole model's count
+        self.model = model
+
+    def g(self, local: str) -> str:
+        return self.glob.get(local, local)
+
+    # ---------- gradients ----------
+    @torch.no_grad()
+    def allreduce_grads(self) -> None:
+        """Dense grads: sum over the world / world; expert grads: sum over the replica group / world."""
+        from dsv3.train.loop import allreduce_grads
+
+        allreduce_grads(self.dense_params, self.world)
+        if not self.expert_params:
+            return
+        grads = []
+        for p in self.expert_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch._utils._flatten_dense_tensors(grads)
+        if self.n_rep > 1:
+            dist.all_reduce(flat, group=self.rep_group)
+        flat /= self.world
+        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The whole model's gradient norm (each expert slice once) and clipping, as clip_grad_norm_."""
+        def sq(ps):
+            return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None),
+                       torch.zeros((), dtype=torch.float64, device=self.dense_params[0].device))
+
+        e = sq(self.expert_params)
+        dist.all_reduce(e, group=self.ep_group)
+        norm = float((sq(self.dense_params) + e).sqrt())
+        coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else float("nan")
+        for p in self.dense_params + self.expert_params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        return norm
+
+    # ---------- evaluation ----------
+    def pad_batches(self, batches: list, seq_len: int) -> list:
+        """[(x, counted)]: this rank's batches, then uncounted copies up to the largest count of any rank."""
+        n = torch.tensor([len(batches)])
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        filler = batches[0][:1] if batches else torch.zeros(1, seq_len, dtype=torch.long)
+        return [(x, True) for x in batches] + [(filler, False)] * (int(n) - len(batches))
+
+    # ---------- whole-model checkpoints ----------
+    def _gather(self, mine: dict):
+        """Rank 0: {key: union over the EP group 0 ranks of mine[key]} (collective on group 0; None elsewhere)."""
+        if self.rank >= self.M:
+            return None
+        out = [None] * self.M if self.rank == 0 else None
+        dist.gather_object(mine, out, dst=0, group=self.ep_group)
+        if self.rank != 0:
+            return None
+        full: dict = {k: {} for k in mine}
+        for d in out:
+            for k, v in d.items():
+                full[k].update(v)
+        return full
+
+    def full_state(self, opt, ema=None):
+        """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
+        on rank 0, (None, None, None) elsewhere; a collective: call on every rank."""
+        model = self.model
+        cpu = {n: v.detach().cpu() for n, v in model.state_dict().items()}
+        experts = {self.g(n): v for n, v in cpu.items() if n in self.expert_names}
+        local_names = [n for g in _groups(model) for n in g]
+        sd = opt.state_dict()
+        ostate = {self.g(local_names[i]): {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                  for i, st in sd["state"].items() if local_names[i] in self.expert_names}
+        ema_sd = ema.state_dict() if ema is not None else {}
+        ema_exp = {self.g(n): v for n, v in ema_sd.items() if n in self.expert_names}
+        got = self._gather({"w": experts, "o": ostate, "e": ema_exp})
+        if self.rank != 0:
+            return None, None, None
+        w = {self.g(n): v for n, v in cpu.items() if n not in self.expert_names}
+        ost = {self.g(local_names[i]): st for i, st in sd["state"].items() if local_names[i] not in self.expert_names}
+        w.update(got["w"])
+        ost.update(got["o"])
+        with torch.device("meta"):
+            whole = type(model)(self.config)
+        whole.to_empty(device="cpu")
+        whole.load_state_dict(w)
+        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
+        groups, start = [], 0
+        for pg, names in zip(sd["param_groups"], self.full_groups):
+            groups.append({**pg, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        full_opt = {"state": {index[n]: st for n, st in sorted(ost.items(), key=lambda kv: index[kv[0]])},
+                    "param_groups": groups}
+        full_ema = None
+        if ema is not None:
+            e = {self.g(n): v for n, v in ema_sd.items() if n not in self.expert_names}
+            e.update(got["e"])
+            full_ema = _StateDict(e)
+        return whole, _StateDict(full_opt), full_ema
+
+    def load(self, ckpt_dir, model, opt=None, ema=None) -> dict:
+        """`checkpoint.load` for the sharded model: every rank reads the whole checkpoint, keeps its slice."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from dsv3.train import checkpoint as ckpt
+
+        d = Path(ckpt_dir)
+        ckpt.verify(d)
+        whole = type(model).from_pretrained(d / "model").state_dict()
+        model.load_state_dict({n: whole[self.g(n)] for n in model.state_dict()})
+        extra = load_file(d / "extra.safetensors")
+        if "routing_biases" in extra and extra["routing_biases"].numel():
+            with torch.no_grad():
+                for m, b in zip(model.moe_layers(), extra["routing_biases"]):
+                    m.gate.e_score_correction_bias.copy_(b)
+        if opt is not None:
+            full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
+            index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
+            local, groups, start = {}, [], 0
+            for pg, names in zip(full["param_groups"], _groups(model)):
+                for k, n in enumerate(names):
+                    if index[self.g(n)] in full["state"]:
+                        local[start + k] = full["state"][index[self.g(n)]]
+                groups.append({**pg, "params": list(range(start, start + len(names)))})
+                start += len(names)
+            opt.load_state_dict({"state": local, "param_groups": groups})
+        if ema is not None and (d / "ema.safetensors").is_file():
+            e = load_file(d / "ema.safetensors")
+            ema.load_state_dict({n: e[self.g(n)] for n in ema.names})
+        torch.set_rng_state(extra["rng_cpu"])
+        if "rng_cuda" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra["rng_cuda"])
+        return json.loads((d / "state.json").read_text())
+
+
+def _groups(model) -> list[list[str]]:
+    """Local parameter names in the optimizer's order (dsv3.train.optim.param_groups)."""
+    from dsv3.train.optim import param_groups
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+
+
+class _StateDict:
+    """What checkpoint.save needs of an optimizer / EMA: `state_dict()`."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
