@@ -11,8 +11,11 @@ Design choices
   W_UV into the output, so the cache holds only the *normalised* latent c_KV and the
   rotated k_R per token and layer: (kv_lora_rank + qk_rope_head_dim) numbers, e.g. 576 for
   V3 instead of 2·128·(128+64) for plain MHA. Decode steps (one query per sequence)
-  attend in the latent space; a multi-token prefill up-projects the cached latents once
-  and uses SDPA, which is cheaper there. All paths agree to fp32 rounding.
+  attend in the latent space: that is multi-query attention (all heads share the keys
+  [c_KV; k_R] and the values c_KV), run as one fused SDPA call with the heads as the query
+  axis, so the cache is read once per step (one buffer [B, T, kv_lora + rope] per layer).
+  A multi-token prefill up-projects the cached latents once and uses SDPA, which is
+  cheaper there. All paths agree to fp32 rounding.
 - Softmax scale 1/sqrt(qk_nope + qk_rope), times YaRN mscale² when scaling is on (§4.3).
 """
 
@@ -96,21 +99,22 @@ class MLA(nn.Module):
         end = start + S
         cache.latent[:B, start:end] = c_kv.to(cache.latent.dtype)
         cache.pe[:B, start:end] = k_pe.squeeze(2).to(cache.pe.dtype)
-        latent, pe = cache.latent[:B, :end], cache.pe[:B, :end]  # [B,T,r], [B,T,rope]
         if S > 1:  # prefill: expanding the latent once is cheaper than absorbing per query
+            latent, pe = cache.latent[:B, :end], cache.pe[:B, :end]  # [B,T,r], [B,T,rope]
             return self._attend_expanded(q_nope, q_pe, latent.to(x.dtype), pe.to(x.dtype), mask)
+        # decode, one query per row: W_UK folded into q, W_UV applied after attention (§2.1.1)
+        kv = cache.kv[:B, :end].to(x.dtype)  # [B,T,r+rope]: c_KV and k_R side by side
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H,nope,r], [H,v,r]
-        q_abs = torch.einsum("bshd,hdr->bshr", q_nope, w_uk.to(q_nope.dtype))
-        scores = torch.bmm(q_abs.reshape(B, S * H, r), latent.transpose(1, 2).to(q_abs.dtype))
-        scores = scores + torch.bmm(q_pe.reshape(B, S * H, self.rope_dim), pe.transpose(1, 2).to(q_pe.dtype))
-        scores = scores.view(B, S, H, end) * self.scale
-        if mask is not None:  # [B,1,S,T] -> [B,S,1,T]
-            scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(x.dtype)
-        o = torch.bmm(probs.view(B, S * H, end), latent.to(x.dtype)).view(B, S, H, r)
-        o = torch.einsum("bshr,hvr->bshv", o, w_uv.to(o.dtype))
-        return self.o_proj(o.reshape(B, S, H * self.v_dim))
+        q_abs = torch.bmm(q_nope.view(B, H, self.nope).transpose(0, 1), w_uk.to(x.dtype))  # [H,B,r]
+        q = torch.cat([q_abs.transpose(0, 1), q_pe.view(B, H, self.rope_dim)], dim=-1)  # [B,H,r+rope]
+        # Absorbed MLA is multi-query attention over the latent: the H heads act as H queries of one
+        # head whose keys are [c_KV; k_R] and values c_KV, so a fused SDPA reads the cache once.
+        kv = kv[:, None]  # [B,1,T,r+rope]
+        o = F.scaled_dot_product_attention(q[:, None], kv, kv, attn_mask=mask, scale=self.scale)
+        o = o[:, 0, :, :r]  # [B,H,r] (the k_R columns of the "values" are computed and dropped)
+        o = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2).to(x.dtype))  # [H,B,v]
+        return self.o_proj(o.transpose(0, 1).reshape(B, 1, H * self.v_dim))
 
 
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:

@@ -62,8 +62,9 @@ class LayerCache:
     """Latent cache of one MLA layer: normalised c_KV and rotated k_R per token."""
 
     def __init__(self, B: int, T: int, r: int, rope: int, dtype, device, owner: "Cache"):
-        self.latent = torch.zeros(B, T, r, dtype=dtype, device=device)
-        self.pe = torch.zeros(B, T, rope, dtype=dtype, device=device)
+        # one buffer [B, T, r + rope]: a decode step scores both parts with a single matmul
+        self.kv = torch.zeros(B, T, r + rope, dtype=dtype, device=device)
+        self.latent, self.pe = self.kv[..., :r], self.kv[..., r:]  # views
         self._owner = owner
 
     @property
@@ -226,6 +227,8 @@ class DeepSeekV3(nn.Module):
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
         mask |= (k_slot[None, :] == q_slot[:, None])[None]
         mask = mask[:, None]  # [B,1,S,T]
+        if S == 1 and attention_mask is None and bool(valid.all()):
+            mask = None  # one query at the newest slot of an unpadded cache sees every key
         rope = self.rotary(pos)
         h = self.embed_tokens(input_ids)
         for layer, lc in zip(self.layers, cache.layers):
