@@ -101,8 +101,8 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
                  placement_strategy: str = "PACK") -> dict:
     """Run `dsv3.train.loop.train` on Ray Train with dp × pp workers (`parallel.dp`, `parallel.pp`: data-
-    and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group);
-    returns its result.json."""
+    and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group;
+    `parallel.ep`: the dp workers also shard the routed experts, §3.2.2); returns its result.json."""
     import json
     import threading
     import time
@@ -120,6 +120,10 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         from dsv3.train.pipeline_step import check_config
 
         check_config(cfg, n)  # fail before starting Ray (pp not dividing the workers, odd DualPipe, ...)
+    if cfg.parallel.ep > 1:
+        from dsv3.train.expert_step import check_config as check_ep
+
+        check_ep(cfg, n)  # ep with pp, ep not dividing dp or the experts, workers != dp
     if cfg.train.threads is None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"threads": max(1, (os.cpu_count() or 1) // n)})})

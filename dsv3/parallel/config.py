@@ -7,7 +7,9 @@
   node-limited routing (None: the model's own group-limited routing).
 Pretraining with `pp > 1` (§3.2.1) runs dp × pp Ray workers and replaces the loop's forward/backward
 with dsv3/train/pipeline_step.py (its `check_config` adds the run-level errors: pp vs the number of
-ranks, stages vs layers, batch vs num_chunks).
+ranks, stages vs layers, batch vs num_chunks). With `ep > 1` (§3.2.2) pretraining shards the routed experts
+over EP groups of `ep` consecutive dp ranks (dsv3/train/expert_step.py; `check_config` there: ep must divide
+dp and n_routed_experts, pp must be 1).
 """
 
 from typing import Literal

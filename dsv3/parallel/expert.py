@@ -15,7 +15,9 @@ Design:
   gating weights and an index_add back to token positions (the same order of operations as
   `DeepSeekMoE.dispatch`). One row per (token, expert) pair: the paper's "send once per node, then
   forward over NVLink" de-duplication is not done here.
-- `shard_experts(model, group, ...)` swaps every DeepSeekMoE of a DeepSeekV3 for its EP layer in place.
+- `shard_experts(model, group, ...)` swaps every DeepSeekMoE of a DeepSeekV3 for its EP layer in place
+  (the other ranks' experts are dropped). Pretraining uses it with `parallel.ep > 1`:
+  dsv3/train/expert_step.py (EP groups of dp ranks, gradient sync, whole-model checkpoints).
 - Autograd: `all_to_all` is a custom Function whose backward is the all-to-all with the splits swapped.
 - Dual micro-batch overlap: `forward_overlapped(x)` splits the tokens in two and issues the
   dispatch/combine of one half with `async_op=True` while the other half computes (§3.2.2's overlap of

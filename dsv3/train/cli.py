@@ -7,7 +7,8 @@ Both validate the config first (errors name the bad key) and print the MLflow ru
 and the checkpoint path at the end. `--ray` runs the loop on Ray Train with
 `parallel.dp` × `parallel.pp` workers (default: in-process, same loop). Pipeline parallelism
 (`--set parallel.pp=2 [--set parallel.schedule=dualpipe|dualpipev|1f1b]`, §3.2.1) always runs on Ray:
-one worker per pipeline rank (a local Ray cluster on a laptop, the cluster's GPUs elsewhere).
+one worker per pipeline rank (a local Ray cluster on a laptop, the cluster's GPUs elsewhere). So does expert
+parallelism (`--set parallel.dp=2 --set parallel.ep=2`, §3.2.2): the dp workers shard the routed experts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _load(a):
 
 def _pretrain(a) -> int:
     cfg = _load(a)
-    if a.ray or cfg.parallel.pp > 1:
+    if a.ray or cfg.parallel.pp > 1 or cfg.parallel.ep > 1:
         from dsv3.launch import run_training
 
         res = run_training(cfg, num_workers=a.workers, resume=a.resume)  # GPUs per parallel.use_gpu

@@ -30,8 +30,13 @@ Design (§3.2.2: attention and the dense parts data-parallel, routed experts sha
   Evaluation, HF export, EMA evaluation and `init_from` (applied before sharding) work unchanged.
 - Evaluation: an EP forward is a collective, so every rank runs the same number of validation
   forwards (`pad_batches`); the padding batches are not counted.
-Unsupported (ConfigError naming the key, from `check_config`, before any work): ep with pp > 1, ep not
-dividing parallel.dp or model.n_routed_experts, ranks != parallel.dp, a model without MoE layers.
+- Works with recomputation, the CPU EMA, NaN/spike skips + rollback, and fp8 (§3.3; the Linear swap
+  happens before sharding; its wgrad tile scales depend on how an expert's tokens are batched, so fp8
+  EP matches fp8 DP to ~1e-5, fp32 EP matches fp32 DP to float rounding: tests/train/test_expert_parallel.py).
+Unsupported (ConfigError naming the key, from `check_config`, before any work; dsv3.launch.run_training
+checks too, before starting Ray): ep with pp > 1, ep not dividing parallel.dp or model.n_routed_experts,
+ranks != parallel.dp, a model without MoE layers. Not done: the paper's per-node de-duplicated dispatch
+and the overlapped (dual micro-batch) training path (see dsv3/parallel/expert.py).
 """
 
 from __future__ import annotations
