@@ -19,6 +19,9 @@ Design:
   (the other ranks' experts are dropped). Pretraining uses it with `parallel.ep > 1`:
   dsv3/train/expert_step.py (EP groups of dp ranks, gradient sync, whole-model checkpoints).
 - Autograd: `all_to_all` is a custom Function whose backward is the all-to-all with the splits swapped.
+  Every rank must run the same backward all-to-alls, so a rank whose experts receive no row returns the
+  (empty, differentiable) received rows, never a detached tensor (that cut the graph and deadlocked or
+  crashed gloo when routing starved a rank's experts).
 - Dual micro-batch overlap: `forward_overlapped(x)` splits the tokens in two and issues the
   dispatch/combine of one half with `async_op=True` while the other half computes (§3.2.2's overlap of
   two micro-batches). gloo runs all_to_all_single asynchronously on its worker thread, so this works on
@@ -124,8 +127,9 @@ class ExpertParallelMoE(DeepSeekMoE):
             if c:
                 outs.append(self.experts[e](xs[start:start + c]))
                 start += c
-        ys = torch.cat(outs) if outs else rows.new_zeros(0, rows.shape[1])
-        return ys[perm.argsort()]
+        if not outs:  # no rows for this rank's experts: stay in the graph (rows is empty and differentiable),
+            return rows  # so the backward all-to-alls run here too; a detached zeros tensor would skip them
+        return torch.cat(outs)[perm.argsort()]
 
     def _combine(self, x, ys, order, tok, weights):
         ws = weights.flatten()[order].unsqueeze(-1)

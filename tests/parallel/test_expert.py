@@ -30,8 +30,10 @@ def _tokens(rank):
     return torch.randn(2, T, 64, generator=g)
 
 
-def _ep_worker(rank, ep, ranks_per_node, max_nodes):
+def _ep_worker(rank, ep, ranks_per_node, max_nodes, starve=False):
     moe = _moe(ep // ranks_per_node, max_nodes)
+    if starve:  # the last rank's experts are never selected: it must still run the backward all-to-alls
+        moe.gate.e_score_correction_bias[-moe.n_experts // ep:] = -100.0
     ref = copy.deepcopy(moe).train()
     if max_nodes:  # the single-process equivalent: group-limited routing with groups = nodes, M groups
         ref.gate.n_group, ref.gate.topk_group = ep // ranks_per_node, max_nodes
@@ -49,6 +51,9 @@ def _ep_worker(rank, ep, ranks_per_node, max_nodes):
     lo, hi = layer.local_range
     for e in range(lo, hi):  # routed expert grads collect every rank's tokens through the all-to-all
         for p, q in zip(layer.experts[e - lo].parameters(), ref.experts[e].parameters()):
+            if q.grad is None:  # an expert no token selected
+                assert p.grad is None or not p.grad.any()
+                continue
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     for p, q in zip(list(layer.gate.parameters()) + list(layer.shared_experts.parameters()),
                     list(ref.gate.parameters()) + list(ref.shared_experts.parameters())):
@@ -110,10 +115,13 @@ def _all(rank, world):
     for ranks_per_node, max_nodes in [(1, None), (2, 1), (1, 2)]:  # 4 nodes unlimited; 2 nodes, M=1; 4 nodes, M=2
         _ep_worker(rank, world, ranks_per_node, max_nodes)
         dist.barrier()
+    _ep_worker(rank, world, 1, None, starve=True)
+    dist.barrier()
     _bad_worker(rank, world)
 
 
 def test_expert_parallel_matches_single_process():
     """One 4-rank gloo job (process start-up dominates on 2 cores): all-to-all with uneven splits,
-    then EP layers with and without node limits, forward, backward and the overlapped forward."""
+    then EP layers with and without node limits, forward, backward and the overlapped forward; and a layer
+    whose last rank's experts get no token (its backward all-to-alls must still run)."""
     spawn(_all, 4)
