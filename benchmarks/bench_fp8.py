@@ -7,8 +7,12 @@ on the same token stream, is trained twice for ``--steps`` steps (default 200):
   1x128 / 128x128 scaling; embedding, head, gate, norms, attention core untouched).
 The data is a fixed random-but-learnable stream: a first-order Markov chain over
 ``--markov-vocab`` token ids in which each token has ``--successors`` possible successors.
-It prints both loss curves (every ``--print-every`` steps) and the relative gap of the
-final loss (mean of the last ``--tail`` steps); the paper reports < 0.25% at scale.
+The LR follows the shape of §4.2 scaled to the run: linear warmup (5% of the steps), constant,
+cosine decay over the last ``--decay`` fraction of the steps to 10% of the peak, so the runs
+end in the flat part of their curves. It prints both loss curves (every ``--print-every``
+steps) and two relative gaps: of the final training loss (mean of the last ``--tail``
+steps) and of the loss on ``--val-batches`` held-out batches of the same chain (never
+trained on; each model evaluated in its own precision). The paper reports < 0.25% at scale.
 ``--modes bf16_perturbed`` adds a control run: BF16 again with the weights nudged by a
 relative 1e-3 at init. Its gap to BF16 is the run-to-run noise floor of this measure
 (a short MoE run is chaotic: routing decisions flip, loss drops shift by a few steps),
@@ -39,9 +43,12 @@ from dsv3 import DeepSeekV3, ModelConfig  # noqa: E402
 from dsv3.fp8 import convert_to_fp8, fp8_gemm, quantize_act, quantize_weight  # noqa: E402
 
 
-def markov_stream(vocab: int, successors: int, n: int, seed: int = 0) -> torch.Tensor:
+def markov_stream(vocab: int, successors: int, n: int, seed: int = 0, walk_seed: int | None = None) -> torch.Tensor:
+    """n tokens of a walk on the chain fixed by `seed`; `walk_seed` draws another walk on the same chain."""
     g = torch.Generator().manual_seed(seed)
     nxt = torch.randint(0, vocab, (vocab, successors), generator=g)
+    if walk_seed is not None:
+        g = torch.Generator().manual_seed(walk_seed)
     pick = torch.randint(0, successors, (n,), generator=g).tolist()
     nxt = nxt.tolist()
     out, t = [], 0
@@ -51,7 +58,30 @@ def markov_stream(vocab: int, successors: int, n: int, seed: int = 0) -> torch.T
     return torch.tensor(out, dtype=torch.long)
 
 
-def train(mode: str, cfg: ModelConfig, data: torch.Tensor, args, device: str) -> dict:
+def lr_factor(step: int, steps: int, decay: float) -> float:
+    """§4.2's shape in miniature: warmup (5%), constant, cosine to 0.1 over the last `decay` fraction."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    start = int(steps * (1 - decay))
+    if step < start or decay <= 0:
+        return 1.0
+    t = (step - start) / max(1, steps - start)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def val_loss(model, val: torch.Tensor, device: str) -> float:
+    model.eval()
+    tot = 0.0
+    for ids in val:
+        with torch.autocast(device if device != "cpu" else "cpu", dtype=torch.bfloat16):
+            tot += model(ids.to(device), labels=ids.to(device)).main_loss.item()
+    model.train()
+    return tot / len(val)
+
+
+def train(mode: str, cfg: ModelConfig, data: torch.Tensor, args, device: str, val: torch.Tensor) -> dict:
     torch.manual_seed(args.seed)
     model = DeepSeekV3(cfg).to(device)
     if mode == "bf16_perturbed":  # control: same as bf16, weights nudged by a relative 1e-3
@@ -64,8 +94,7 @@ def train(mode: str, cfg: ModelConfig, data: torch.Tensor, args, device: str) ->
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    warm = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.decay))
     tok = args.batch * args.seq
     losses, t0 = [], time.perf_counter()
     for step in range(args.steps):
@@ -85,7 +114,9 @@ def train(mode: str, cfg: ModelConfig, data: torch.Tensor, args, device: str) ->
             print(f"  [{mode}] step {step + 1:4d}  loss {losses[-1]:.4f}  "
                   f"{tok * (step + 1) / el:7.0f} tok/s", flush=True)
     el = time.perf_counter() - t0
-    return dict(losses=losses, seconds=el, tokens_per_s=tok * args.steps / el, n_fp8_linears=n_fp8)
+    vl = val_loss(model, val, device)
+    print(f"  [{mode}] held-out loss {vl:.4f} ({len(val)} batches)", flush=True)
+    return dict(losses=losses, seconds=el, tokens_per_s=tok * args.steps / el, n_fp8_linears=n_fp8, val_loss=vl)
 
 
 def _timeit(fn, reps: int, device: str) -> float:
@@ -134,6 +165,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--markov-vocab", type=int, default=1024)
     ap.add_argument("--successors", type=int, default=4)
     ap.add_argument("--tail", type=int, default=20)
+    ap.add_argument("--decay", type=float, default=0.3, help="fraction of the steps with cosine LR decay")
+    ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--print-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
@@ -164,18 +197,22 @@ def main(argv=None) -> dict:
     if not args.gemm_only:
         mv = min(args.markov_vocab, cfg.vocab_size)
         data = markov_stream(mv, args.successors, args.steps * args.batch * args.seq + 1, args.seed)
+        val = markov_stream(mv, args.successors, args.val_batches * args.batch * args.seq, args.seed,
+                            walk_seed=args.seed + 12345).view(args.val_batches, args.batch, args.seq)
         print(f"Training {args.steps} steps, batch {args.batch} x seq {args.seq}, Markov chain over {mv} ids "
               f"({args.successors} successors; entropy floor {math.log(args.successors):.3f})", flush=True)
         modes = ["bf16"] + [m for m in args.modes.split(",") if m and m != "bf16"]
-        runs = {mode: train(mode, cfg, data, args, device) for mode in modes}
+        runs = {mode: train(mode, cfg, data, args, device, val) for mode in modes}
         tail = min(args.tail, args.steps)
         lb = sum(runs["bf16"]["losses"][-tail:]) / tail
         if "bf16_perturbed" in runs:
             lp = sum(runs["bf16_perturbed"]["losses"][-tail:]) / tail
-            res["control"] = dict(bf16_perturbed_final=lp, rel_gap=(lp - lb) / lb,
-                                  losses=runs["bf16_perturbed"]["losses"])
-            print(f"Control (bf16 with weights perturbed by 1e-3): final {lp:.4f}, "
-                  f"relative gap {100 * (lp - lb) / lb:+.3f}% (run-to-run noise floor of this measure)")
+            vb, vp = runs["bf16"]["val_loss"], runs["bf16_perturbed"]["val_loss"]
+            res["control"] = dict(bf16_perturbed_final=lp, rel_gap=(lp - lb) / lb, val_loss=vp,
+                                  val_rel_gap=(vp - vb) / vb, losses=runs["bf16_perturbed"]["losses"])
+            print(f"Control (bf16 with weights perturbed by 1e-3): final {lp:.4f}, relative gap "
+                  f"{100 * (lp - lb) / lb:+.3f}%; held-out {vp:.4f}, gap {100 * (vp - vb) / vb:+.3f}% "
+                  "(run-to-run noise floor of these measures)")
         if "fp8" not in runs:
             if args.json:
                 args.json.write_text(json.dumps(res, indent=1))
@@ -187,9 +224,14 @@ def main(argv=None) -> dict:
                             bf16_tokens_per_s=runs["bf16"]["tokens_per_s"],
                             fp8_tokens_per_s=runs["fp8"]["tokens_per_s"],
                             n_fp8_linears=runs["fp8"]["n_fp8_linears"],
-                            bf16_losses=runs["bf16"]["losses"], fp8_losses=runs["fp8"]["losses"])
+                            bf16_losses=runs["bf16"]["losses"], fp8_losses=runs["fp8"]["losses"],
+                            bf16_val=runs["bf16"]["val_loss"], fp8_val=runs["fp8"]["val_loss"],
+                            val_rel_gap=(runs["fp8"]["val_loss"] - runs["bf16"]["val_loss"]) / runs["bf16"]["val_loss"])
         print(f"Final loss (mean of last {tail} steps): bf16 {lb:.4f}  fp8 {lf:.4f}  "
               f"relative gap {100 * gap:+.3f}%  (paper: < 0.25%)")
+        tr = res["train"]
+        print(f"Held-out loss: bf16 {tr['bf16_val']:.4f}  fp8 {tr['fp8_val']:.4f}  "
+              f"relative gap {100 * tr['val_rel_gap']:+.3f}%")
         print(f"Speed: bf16 {runs['bf16']['tokens_per_s']:.0f} tok/s, fp8 {runs['fp8']['tokens_per_s']:.0f} tok/s "
               f"({runs['fp8']['n_fp8_linears']} FP8 Linear layers)")
     if args.json:
