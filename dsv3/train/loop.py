@@ -227,7 +227,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
         from dsv3.train.pipeline_step import PipelineStep
 
         pipe = PipelineStep(model, cfg)
-    data_rank, data_world = (0, 1) if pipe is not None else (rank, world)  # pipeline ranks share the batch
+    # the ranks of one pipeline share its batch; pipelines (dp > 1) read their own shards
+    data_rank, data_world = (pipe.dp_rank, pipe.dp) if pipe is not None else (rank, world)
     sched = Schedules(t, cfg.model, data_world)
     shards = shard_dir(cfg)
     stream = PackedStream(shards, "train", t.seq_len, seed=t.seed)

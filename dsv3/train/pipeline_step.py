@@ -30,7 +30,16 @@ Design:
 - Bubbles: each step's per-rank timelines are gathered on the logging steps; rank 0 logs the measured
   bubble fraction per rank, the mean, and the analytic values of bubble.analytic with measured op costs;
   `gantt(path)` draws the last gathered step.
-Not supported yet (clear errors): dp > 1 together with pp > 1, fp8 (its Linear layers cannot take the
+- Data parallelism over pipelines (`parallel.dp` > 1, world = dp × pp): ranks d·pp .. d·pp+pp-1 form
+  pipeline d (its own process group, P2P inside it); the ranks at the same stage position form a
+  data-parallel group. Pipeline d reads data shard d of the global batch; after the pipeline's own
+  gradient sync, each held parameter's gradient and the loss parts are averaged over the
+  data-parallel group (DDP's sum/dp), so every pipeline applies the same update and the run
+  equals the non-pipelined dp run. Clipping, weight sync and checkpoints then work per pipeline
+  unchanged (all pipelines hold the same weights; rank 0 saves).
+Memory: gradients and AdamW state exist only for the parameters a rank holds (non-held parameters
+never get a gradient, so AdamW keeps no state for them); the weights themselves are replicated.
+Not supported yet (clear errors): ep > 1 together with pp > 1, fp8 (its Linear layers cannot take the
 zero-bubble weight-grad split), debug NaN injection.
 """
 
@@ -53,8 +62,8 @@ def check_config(cfg, world: int) -> None:
     if world != p.dp * p.pp:
         raise ConfigError(f"parallel: dp × pp = {p.dp} × {p.pp} = {p.dp * p.pp} ranks expected, got {world} "
                           "(launch with dsv3.launch.run_training / dsv3 pretrain, which starts dp × pp workers)")
-    if p.dp > 1:
-        raise ConfigError(f"parallel.dp: data parallelism ({p.dp}) combined with pp > 1 is not supported yet")
+    if p.ep > 1:
+        raise ConfigError(f"parallel.ep: expert parallelism ({p.ep}) combined with pp > 1 is not supported yet")
     if p.schedule == "dualpipe" and p.pp % 2:
         raise ConfigError(f"parallel.pp: DualPipe needs an even number of pipeline ranks, got {p.pp}")
     n = p.chunks
@@ -76,6 +85,22 @@ def check_config(cfg, world: int) -> None:
                               "(train.batch_size / batch ramp must be multiples of num_chunks)")
 
 
+def _dp_pp_groups(dp: int, pp: int):
+    """Pipelines of consecutive ranks (d·pp .. d·pp+pp-1) and, per stage position i, the data-parallel
+    group {d·pp + i}. new_group is a collective: every rank creates every group, in the same order."""
+    me = dist.get_rank()
+    pipe_g = dp_g = None
+    for d in range(dp):
+        g = dist.new_group([d * pp + i for i in range(pp)])
+        if me // pp == d:
+            pipe_g = g
+    for i in range(pp):
+        g = dist.new_group([d * pp + i for d in range(dp)])
+        if me % pp == i:
+            dp_g = g
+    return pipe_g, dp_g
+
+
 class PipelineStep:
     """This rank's part of a pipeline-parallel training step; see the module docstring."""
 
@@ -83,9 +108,13 @@ class PipelineStep:
         from dsv3.parallel.stages import pipeline_for
 
         self.model, self.cfg = model, cfg
+        check_config(cfg, dist.get_world_size())
+        self.dp, self.dp_rank, self.dp_group = 1, 0, None
+        if group is None and cfg.parallel.dp > 1:
+            group, self.dp_group = _dp_pp_groups(cfg.parallel.dp, cfg.parallel.pp)
+            self.dp, self.dp_rank = cfg.parallel.dp, dist.get_rank() // cfg.parallel.pp
         self.group = group or dist.group.WORLD
         self.rank, self.pp = dist.get_rank(self.group), dist.get_world_size(self.group)
-        check_config(cfg, dist.get_world_size())
         self.kind, self.chunks = cfg.parallel.schedule, cfg.parallel.chunks
         self.seq_len = cfg.train.seq_len
         self.pipe, self.criterion = pipeline_for(model, self.kind, 1, self.seq_len, self.group,
@@ -157,6 +186,18 @@ class PipelineStep:
         parts_d = parts.to(dev)
         dist.all_reduce(parts_d, group=self.group)
         self._sync_grads()
+        if self.dp_group is not None:  # data parallel over pipelines: mean of the replicas' grads and losses
+            parts_d /= self.dp
+            dist.all_reduce(parts_d, group=self.dp_group)
+            held = [self.params[i] for i in sorted(self.held)]
+            for p in held:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch._utils._flatten_dense_tensors([p.grad for p in held])
+            flat /= self.dp
+            dist.all_reduce(flat, group=self.dp_group)
+            for p, g in zip(held, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in held])):
+                p.grad.copy_(g)
         return parts_d.cpu()
 
     def _sync_grads(self) -> None:

@@ -2,7 +2,8 @@
 model split into stages, and its per-step losses (total = main + λ·MTP + balance, with the config's
 aux_loss_alpha; and each component) and final weights match the non-pipelined run within fp32 tolerance.
 DualPipe on a local Ray cluster with 2 CPU workers (MLflow: bubble metrics and the Gantt chart);
-1F1B and DualPipeV on 2 spawned gloo ranks (faster, same loop); a resumed pipeline run is bitwise equal."""
+1F1B and DualPipeV on 2 spawned gloo ranks (faster, same loop); two data-parallel 1F1B pipelines on 4 ranks;
+a resumed pipeline run is bitwise equal."""
 
 import json
 from pathlib import Path
@@ -60,8 +61,10 @@ def test_config_errors(tiny_shards, tmp_path):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.num_chunks=6"), 2)
     with pytest.raises(ConfigError, match="stages"):  # DualPipeV pp=2: 4 stages, tiny has 3 layers
         check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=dualpipev"), 2)
-    with pytest.raises(ConfigError, match="parallel.dp"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2"), 4)
+    with pytest.raises(ConfigError, match="dp × pp"):
+        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2"), 2)
+    with pytest.raises(ConfigError, match="parallel.ep"):
+        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"), 4)
     assert isinstance(RunConfig.load("configs/pretrain_tiny.yaml", ["parallel.pp=2"]).parallel.pp, int)
 
 
@@ -75,6 +78,16 @@ def test_schedule_matches_plain_loop(tiny_shards, tmp_path, schedule, layers):
     train(_cfg(tiny_shards, tmp_path / "ref", *ov), track=False)
     cfg = _cfg(tiny_shards, tmp_path / "pp", *ov, "parallel.pp=2", f"parallel.schedule={schedule}")
     spawn(_worker, 2, cfg.model_dump(mode="json"))
+    _assert_matches(tmp_path / "pp", tmp_path / "ref")
+
+
+def test_data_parallel_pipelines_match_plain_loop(tiny_shards, tmp_path):
+    """dp=2 × pp=2 (two 1F1B pipelines on 4 gloo ranks, each reading its half of the global batch)
+    gives the single-process run's losses and weights."""
+    train(_cfg(tiny_shards, tmp_path / "ref"), track=False)
+    cfg = _cfg(tiny_shards, tmp_path / "pp", "parallel.pp=2", "parallel.dp=2", "parallel.schedule=1f1b",
+               "parallel.num_chunks=2")
+    spawn(_worker, 4, cfg.model_dump(mode="json"))
     _assert_matches(tmp_path / "pp", tmp_path / "ref")
 
 
