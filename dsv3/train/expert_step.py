@@ -18,7 +18,9 @@ Design (§3.2.2: attention and the dense parts data-parallel, routed experts sha
   expert slices: all-reduce over the replica group / world. Both equal the plain DDP gradient
   (mean over ranks of each rank's loss gradient).
 - Clipping: global norm² = dense norm² (identical on all ranks, counted once) + the sum over one EP
-  group of the expert-slice norms² (each slice once), then clip_grad_norm_'s rule.
+  group of the expert-slice norms² (each slice once), then clip_grad_norm_'s rule. Summed in float64:
+  torch's clip_grad_norm_ (the plain loop) takes fp32 `_foreach_norm`s, which on the `small` preset's
+  3M-element lm_head is off by ~4e-4 relative, so there EP and DP grad norms differ by ~1e-4 (tiny: 1e-7).
 - Loads for the bias update (§2.1.2): an EP layer counts, for this rank's tokens, all E experts (routing
   is replicated), so the loop's world all-reduce of `model.expert_load()` is already the global count
   on every rank and the replicated gate bias gets the same update everywhere. Nothing to do here.
@@ -107,7 +109,8 @@ class ExpertStep:
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if n in self.expert_names and p.requires_grad]
         self.dense_params = [p for n, p in named if n not in self.expert_names and p.requires_grad]
-        n_exp = torch.tensor([sum(p.numel() for p in self.expert_params)], dtype=torch.float64)
+        self.device = self.dense_params[0].device  # collectives on the model's device (NCCL needs CUDA tensors)
+        n_exp = torch.tensor([sum(p.numel() for p in self.expert_params)], dtype=torch.float64, device=self.device)
         dist.all_reduce(n_exp, group=self.ep_group)
         self.n_params = sum(p.numel() for p in self.dense_params) + int(n_exp)  # the whole model's count
         self.model = model
@@ -141,7 +144,7 @@ class ExpertStep:
         """The whole model's gradient norm (each expert slice once) and clipping, as clip_grad_norm_."""
         def sq(ps):
             return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None),
-                       torch.zeros((), dtype=torch.float64, device=self.dense_params[0].device))
+                       torch.zeros((), dtype=torch.float64, device=self.device))
 
         e = sq(self.expert_params)
         dist.all_reduce(e, group=self.ep_group)
@@ -155,7 +158,7 @@ class ExpertStep:
     # ---------- evaluation ----------
     def pad_batches(self, batches: list, seq_len: int) -> list:
         """[(x, counted)]: this rank's batches, then uncounted copies up to the largest count of any rank."""
-        n = torch.tensor([len(batches)])
+        n = torch.tensor([len(batches)], device=self.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         filler = batches[0][:1] if batches else torch.zeros(1, seq_len, dtype=torch.long)
         return [(x, True) for x in batches] + [(filler, False)] * (int(n) - len(batches))
@@ -178,6 +181,8 @@ class ExpertStep:
     def full_state(self, opt, ema=None):
         """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
         on rank 0, (None, None, None) elsewhere; a collective: call on every rank."""
+        if self.rank >= self.M:  # EP group 0 holds every slice; the other groups' ranks hold copies
+            return None, None, None
         model = self.model
         cpu = {n: v.detach().cpu() for n, v in model.state_dict().items()}
         experts = {self.g(n): v for n, v in cpu.items() if n in self.expert_names}
