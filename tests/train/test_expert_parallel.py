@@ -2,9 +2,9 @@
 experts over the 2 ranks and gives the per-step losses, gradient norms and final weights of the plain
 dp=2 run (aux_loss_alpha > 0, MTP on; bias updates from global loads); node-limited routing (max_nodes=1
 over 2 one-rank nodes) equals the plain run with n_group=2, topk_group=1; fp8 works with EP (looser
-tolerance: FP8 tile scales depend on how tokens are batched); each rank holds only its expert
-slice; a NaN step rolls back through the EP checkpoint load; its checkpoints are one whole model + AdamW + EMA state (load into a plain DeepSeekV3) and resume
-an ep=2 run bitwise. All runs share one 2-rank gloo job (process start-up dominates on 2 cores)."""
+tolerance: FP8 tile scales depend on how tokens are batched); each rank holds only its expert slice;
+a NaN step rolls back through the EP checkpoint load; its checkpoints are one whole model + AdamW + EMA
+state (they load into a plain DeepSeekV3) and resume an ep=2 run bitwise. All runs share one 2-rank gloo job (process start-up dominates on 2 cores)."""
 
 import gc
 import json
@@ -92,7 +92,7 @@ def _assert_same_run(got_dir, ref_dir, steps, rel=1e-5, grad_rel=1e-5, atol=1e-6
         for k in COMPARED:
             tol = grad_rel if k == "train/grad_norm" else rel
             assert g[k] == pytest.approx(r[k], rel=tol, abs=1e-8, nan_ok=True), (g["step"], k, g[k], r[k])
-    wg, wr = load_file(str(got_dir / "final" / "model.safetensors")), load_file(str(ref_dir / "final" / "model.safetensors"))
+    wg, wr = (load_file(str(d / "final" / "model.safetensors")) for d in (got_dir, ref_dir))
     assert wg.keys() == wr.keys()  # the export is the whole model, all experts
     for k in wr:
         assert torch.allclose(wg[k], wr[k], rtol=1e-4, atol=atol), k
