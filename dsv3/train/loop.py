@@ -216,17 +216,17 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
         from dsv3.train.expert_step import ExpertStep
 
         ep = ExpertStep(model, cfg)  # shards the routed experts in place: before the optimizer and EMA
-    load_ckpt = ep.load if ep is not None else ckpt.load
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = ep.n_params if ep is not None else sum(p.numel() for p in params)  # the whole model's
-    opt = make_optimizer(model, t)
-    ema = CpuEMA(model, t.ema_decay) if t.ema else None
     pipe = None
     if cfg.parallel.pp > 1:
         from dsv3.train.pipeline_step import PipelineStep
 
-        pipe = PipelineStep(model, cfg)
+        pipe = PipelineStep(model, cfg)  # frees the other ranks' stages in place: before the optimizer and EMA
+    load_ckpt = ep.load if ep is not None else pipe.load if pipe is not None else ckpt.load
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = (ep or pipe).n_params if ep or pipe else sum(p.numel() for p in params)  # the whole model's
+    opt = make_optimizer(model, t)
+    ema = CpuEMA(model, t.ema_decay) if t.ema else None
     # the ranks of one pipeline share its batch; pipelines (dp > 1) read their own shards
     data_rank, data_world = (pipe.dp_rank, pipe.dp) if pipe is not None else (rank, world)
     sched = Schedules(t, cfg.model, data_world)
@@ -293,10 +293,9 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             path = None
             if ema is not None:
                 ema.wait()
-            opt_state = pipe.full_optimizer(opt) if pipe is not None else opt
-            whole, ema_state = model, ema
-            if ep is not None:  # a collective: the expert slices (weights, AdamW, EMA) gathered to rank 0
-                whole, opt_state, ema_state = ep.full_state(opt, ema)
+            whole, opt_state, ema_state = model, opt, ema
+            if ep is not None or pipe is not None:  # a collective: the slices / stages gathered to rank 0
+                whole, opt_state, ema_state = (ep or pipe).full_state(opt, ema)
             if rank == 0:
                 state["load_total"] = load_total.tolist()
                 path = ckpt.save(ck_root, step, whole, opt_state, {k: v for k, v in state.items() if k != "step"},
@@ -305,16 +304,20 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 dist.barrier()
             return path
 
+        def run_eval():
+            if pipe is not None:  # through the stages; the pipelines' data ranks split the windows
+                return pipe.evaluate(val, t.eval_batches, max(1, sched.batch(0) // data_world), t.precision)
+            return evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world), t.precision, rank, world, ep)
+
         def do_eval(step: int) -> dict:
             m = {}
-            vl, vb = evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world), t.precision, rank, world, ep)
+            vl, vb = run_eval()
             m["val/loss"] = vl
             if vb is not None:
                 m["val/bpb"] = vb
             if ema is not None:
                 with ema.swap_into(model):
-                    el, eb = evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world),
-                                      t.precision, rank, world, ep)
+                    el, eb = run_eval()
                 m["val/ema_loss"] = el
                 if eb is not None:
                     m["val/ema_bpb"] = eb
@@ -381,8 +384,6 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 load = load_d.cpu()
             if not spike:
                 opt.step()
-                if pipe is not None:
-                    pipe.sync_weights()
                 if n_moe:
                     model.update_bias(sched.bias_gamma(s), load.float().to(device))
                     load_total += load

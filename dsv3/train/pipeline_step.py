@@ -138,7 +138,30 @@ class PipelineStep:
         # parameters held by several ranks outside DualPipe's stage copies (sync_grads sums those)
         self.shared = [] if self.kind == "dualpipe" else sorted(i for i, rs in holders.items() if len(rs) > 1)
         self.timelines: list | None = None
-        self.opt_index = None
+        # stage index -> the pipeline rank that runs it in evaluation (the lowest rank holding it)
+        self.n_stages = 2 * self.pp if self.kind == "dualpipev" else self.pp
+        ids = [self.rank] if self.kind == "1f1b" else [self.rank, self.n_stages - 1 - self.rank]
+        self.stage_of = dict(zip(ids, self.stages))
+        self.stage_rank = [min(s, self.n_stages - 1 - s) if self.kind != "1f1b" else s for s in range(self.n_stages)]
+        # the whole model's names, shapes and optimizer order (dsv3.train.optim.param_groups), kept before freeing
+        self.names = [n for n, _ in model.named_parameters()]
+        if len(self.names) != len(params):
+            raise RuntimeError("named_parameters and parameters disagree")
+        self.shapes = [tuple(p.shape) for p in params]
+        self.n_params = sum(p.numel() for p in params)
+        self.whole_bytes = sum(p.numel() * p.element_size() for p in params)
+        self._free()
+
+    @torch.no_grad()
+    def _free(self) -> None:
+        """Drop the storage of every parameter this rank does not hold: it becomes an empty tensor of the
+        same dtype / device / number of dimensions (so the optimizer's grouping by ndim and name is the plain
+        run's). The modules stay in the model (names, buffers and the gate biases are whole on every rank)."""
+        for i, p in enumerate(self.params):
+            if i not in self.held:
+                p.data = torch.empty((0,) * p.ndim, dtype=p.dtype, device=p.device)
+                p.grad = None
+        self.held_bytes = sum(p.numel() * p.element_size() for p in self.params)
 
     # ---------- the step ----------
     def _feed(self, x: torch.Tensor):
@@ -204,14 +227,20 @@ class PipelineStep:
         if self.kind == "dualpipe":
             self.pipe.sync_grads()
         if self.shared:
-            ps = [self.params[i] for i in self.shared]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            dev = self.pipe._device
+            parts = []
+            for i in self.shared:  # a rank not holding a shared parameter adds zeros of its (whole) shape
+                g = self.params[i].grad if i in self.held else None
+                parts.append(g.reshape(-1) if g is not None else torch.zeros(math.prod(self.shapes[i]), device=dev,
+                                                                             dtype=self.params[i].dtype))
+            flat = torch.cat(parts)
             dist.all_reduce(flat, group=self.group)
             off = 0
-            for i, p in zip(self.shared, ps):
+            for i in self.shared:
+                n = math.prod(self.shapes[i])
                 if i in self.held:
-                    p.grad = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
+                    self.params[i].grad = flat[off:off + n].view(self.shapes[i]).clone()
+                off += n
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -230,42 +259,126 @@ class PipelineStep:
                     self.params[i].grad.mul_(coef)
         return norm
 
-    # ---------- whole-model state ----------
+    # ---------- evaluation ----------
     @torch.no_grad()
-    def sync_weights(self) -> None:
-        """Broadcast every parameter from its owner: afterwards each rank holds the whole current model."""
-        for r in range(self.pp):
-            ps = [p for i, p in enumerate(self.params) if self.owner[i] == r]
-            if not ps:
-                continue
-            flat = torch._utils._flatten_dense_tensors([p.data for p in ps])
-            dist.broadcast(flat, src=dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD
-                           else r, group=self.group)
-            if r != self.rank:
-                for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, [p.data for p in ps])):
-                    p.copy_(v)
+    def evaluate(self, stream, batches: int, batch: int, precision: str) -> tuple[float, float | None]:
+        """`loop.evaluate` for the split model (a collective over the world): the validation windows of this
+        pipeline's data shard go through the stages in order, one batch at a time (stage s runs on the
+        lowest pipeline rank holding it; hidden states are sent point-to-point, cast to the model dtype as
+        in training). The last stage adds the main next-token loss. No schedule, no overlap: evaluation
+        has a (PP-1)/PP bubble, but needs no weights beyond the rank's own stages."""
+        from dsv3.model.transformer import _shifted_ce
+        from dsv3.train.data import bits_per_byte
+        from dsv3.train.loop import autocast_ctx
 
-    def full_optimizer(self, opt):
-        """An object whose state_dict() is the whole model's AdamW state (each entry from its owner);
-        a collective: call on every rank."""
-        if self.opt_index is None:
-            pos = {id(p): i for i, p in enumerate(self.params)}
-            self.opt_index = [pos[id(p)] for g in opt.param_groups for p in g["params"]]
+        model, dev = self.model, self.pipe._device
+        was = model.training
+        model.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=dev)
+        glob = (lambda r: r) if self.group is dist.group.WORLD else (lambda r: dist.get_global_rank(self.group, r))
+        for x in stream.eval_batches(batches, batch, self.dp_rank, self.dp):
+            x, h = x.to(dev), None
+            for s in range(self.n_stages):
+                if self.stage_rank[s] != self.rank:
+                    continue
+                st = self.stage_of[s]
+                if s and self.stage_rank[s - 1] != self.rank:
+                    h = torch.empty(*x.shape, model.config.hidden_size, dtype=model.dtype, device=dev)
+                    dist.recv(h, src=glob(self.stage_rank[s - 1]), group=self.group)
+                with autocast_ctx(precision, dev):
+                    h = st(x if s == 0 else h)
+                    if s == self.n_stages - 1:
+                        n = x.shape[0] * (x.shape[1] - 1)
+                        tot[0] += _shifted_ce(st.logits(h), x, 1).double() * n
+                        tot[1] += n
+                if s + 1 < self.n_stages and self.stage_rank[s + 1] != self.rank:
+                    dist.send(h.to(model.dtype).contiguous(), dst=glob(self.stage_rank[s + 1]), group=self.group)
+        dist.all_reduce(tot)  # each pipeline's last stage holds its sums; the others add zeros
+        model.train(was)
+        loss = float(tot[0] / tot[1].clamp(min=1))
+        return loss, bits_per_byte(loss, stream.bytes_per_token)
+
+    # ---------- whole-model checkpoints ----------
+    def _opt_names(self, opt) -> list[str]:
+        """Parameter names in the optimizer's index order (the plain run's: same model, same grouping)."""
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        return [self.names[pos[id(p)]] for g in opt.param_groups for p in g["params"]]
+
+    def full_state(self, opt, ema=None):
+        """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
+        on global rank 0, (None, None, None) elsewhere; a collective: call on every rank. Each parameter,
+        its AdamW state and its EMA come from its owner (the lowest pipeline rank holding it) in pipeline 0
+        (data-parallel pipelines hold the same values); buffers (routing biases) are whole on every rank."""
+        if self.dp_rank != 0:
+            return None, None, None
+        owned = {self.names[i] for i in self.held if self.owner[i] == self.rank}
+        w = {n: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned}
+        names = self._opt_names(opt)
         sd = opt.state_dict()
-        mine = {k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in st.items()}
-                for k, st in sd["state"].items() if self.owner[self.opt_index[k]] == self.rank}
-        everyone = [None] * self.pp
-        dist.all_gather_object(everyone, mine, group=self.group)
-        state = {}
-        for d in everyone:
-            state.update(d)
-        full = {"state": dict(sorted(state.items())), "param_groups": sd["param_groups"]}
+        o = {names[k]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in st.items()}
+             for k, st in sd["state"].items() if names[k] in owned}
+        e = {n: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}
+        out = [None] * self.pp if self.rank == 0 else None
+        dist.gather_object({"w": w, "o": o, "e": e}, out, dst=0, group=self.group)  # pipeline 0 holds global rank 0
+        if self.rank != 0:
+            return None, None, None
+        for d in out[1:]:
+            w.update(d["w"])
+            o.update(d["o"])
+            e.update(d["e"])
+        canon = {id(p): n for n, p in zip(self.names, self.params)}
+        for n, p in self.model.named_parameters(remove_duplicate=False):  # tied weights under both names
+            w.setdefault(n, w[canon[id(p)]])
+        keys = set(self.model.state_dict())
+        w.update({n: b.detach().cpu() for n, b in self.model.named_buffers() if n in keys})
+        with torch.device("meta"):
+            whole = type(self.model)(self.model.config)
+        whole.to_empty(device="cpu")
+        whole.load_state_dict(w)
+        index = {n: k for k, n in enumerate(names)}
+        full_opt = {"state": {index[n]: st for n, st in sorted(o.items(), key=lambda kv: index[kv[0]])},
+                    "param_groups": sd["param_groups"]}
+        return whole, _StateDict(full_opt), (_StateDict(e) if ema is not None else None)
 
-        class _Full:
-            def state_dict(self_inner):
-                return full
+    @torch.no_grad()
+    def load(self, ckpt_dir, model, opt=None, ema=None) -> dict:
+        """`checkpoint.load` for the split model (resume and rollback): every rank reads the whole checkpoint
+        (one whole model in CPU memory, transiently) and keeps the weights, AdamW state and EMA of the
+        parameters it holds; buffers (routing biases) are taken whole."""
+        import json
+        from pathlib import Path
 
-        return _Full()
+        from safetensors.torch import load_file
+
+        from dsv3.train import checkpoint as ckpt
+
+        d = Path(ckpt_dir)
+        ckpt.verify(d)
+        whole = type(model).from_pretrained(d / "model").state_dict()
+        held = {self.names[i] for i in self.held}
+        for n, p in zip(self.names, self.params):
+            if n in held:
+                p.copy_(whole[n])
+        for n, b in model.named_buffers():
+            if n in whole:
+                b.copy_(whole[n])
+        del whole
+        extra = load_file(d / "extra.safetensors")
+        if "routing_biases" in extra and extra["routing_biases"].numel():
+            for m, b in zip(model.moe_layers(), extra["routing_biases"]):
+                m.gate.e_score_correction_bias.copy_(b)
+        if opt is not None:
+            full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
+            names = self._opt_names(opt)
+            opt.load_state_dict({"state": {k: st for k, st in full["state"].items() if names[k] in held},
+                                 "param_groups": full["param_groups"]})
+        if ema is not None and (d / "ema.safetensors").is_file():
+            e = load_file(d / "ema.safetensors")
+            ema.load_state_dict({n: (e[n] if n in held else t) for n, t in ema.state_dict().items()})
+        torch.set_rng_state(extra["rng_cpu"])
+        if "rng_cuda" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra["rng_cuda"])
+        return json.loads((d / "state.json").read_text())
 
     # ---------- bubbles ----------
     def bubble_metrics(self) -> dict:
@@ -296,3 +409,13 @@ class PipelineStep:
         if not self.timelines:
             return None
         return gantt(self.timelines, str(path), f"{self.kind} PP={self.pp}, {self.chunks} chunks (last step)")
+
+
+class _StateDict:
+    """What checkpoint.save needs of an optimizer / EMA: `state_dict()`."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
