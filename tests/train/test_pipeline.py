@@ -31,12 +31,24 @@ def _weights(run_dir):
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
-def _assert_matches(run_dir, ref_dir):
+def _val(run_dir):
+    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
+
+
+def _assert_matches(run_dir, ref_dir, val=True):
+    """val: also the validation losses (live and EMA weights); the pipeline evaluates through its stages.
+    Off when the reference has a different number of data ranks (then the validation windows differ)."""
     got, ref = _records(run_dir), _records(ref_dir)
     assert len(got) == len(ref) == STEPS
     for g, r in zip(got, ref):
         for k in COMPARED:
             assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-8), (g["step"], k, g[k], r[k])
+    if val:
+        gv, rv = _val(run_dir), _val(ref_dir)
+        assert len(gv) == len(rv) >= 1
+        for g, r in zip(gv, rv):
+            for k in ("val/loss", "val/ema_loss"):
+                assert g[k] == pytest.approx(r[k], rel=1e-5), (g["step"], k, g[k], r[k])
     wg, wr = _weights(run_dir), _weights(ref_dir)
     assert wg.keys() == wr.keys()  # the export is the whole model
     for k in wr:
@@ -79,6 +91,88 @@ def test_schedule_matches_plain_loop(tiny_shards, tmp_path, schedule, layers):
     cfg = _cfg(tiny_shards, tmp_path / "pp", *ov, "parallel.pp=2", f"parallel.schedule={schedule}")
     spawn(_worker, 2, cfg.model_dump(mode="json"))
     _assert_matches(tmp_path / "pp", tmp_path / "ref")
+    _assert_loads_into_plain_model(cfg, tmp_path / "pp", tmp_path / "ref")
+
+
+def _assert_loads_into_plain_model(cfg, run_dir, ref_dir):
+    """The pipeline run's checkpoint (assembled from the ranks' stages) loads strictly into a plain
+    DeepSeekV3 + AdamW + EMA, and its AdamW state and EMA equal the plain run's."""
+    from dsv3.model.transformer import DeepSeekV3
+    from dsv3.train import checkpoint as ckpt
+    from dsv3.train.ema import CpuEMA
+    from dsv3.train.optim import make_optimizer
+
+    c, r = ckpt.latest(Path(run_dir) / "checkpoints"), ckpt.latest(Path(ref_dir) / "checkpoints")
+    assert c.name == r.name
+    model = DeepSeekV3(cfg.model)
+    opt, ema = make_optimizer(model, cfg.train), CpuEMA(model, cfg.train.ema_decay)
+    ckpt.load(c, model, opt, ema)  # strict: every weight of the whole model is in the checkpoint
+    got, ref = opt.state_dict(), torch.load(r / "optimizer.pt", weights_only=True)
+    n = sum(len(g["params"]) for g in ref["param_groups"])
+    assert sorted(got["state"]) == sorted(ref["state"]) == list(range(n))  # every parameter, plain order
+    for k, st in ref["state"].items():  # fp32 rounding of the stage-wise grads: compared in norm
+        for a in ("exp_avg", "exp_avg_sq"):
+            g, want = got["state"][k][a], st[a]
+            assert g.shape == want.shape and float((g - want).norm()) <= 1e-4 * float(want.norm()) + 1e-12, (k, a)
+    e_ref = load_file(str(r / "ema.safetensors"))
+    e_got = ema.state_dict()
+    assert e_got.keys() == e_ref.keys()
+    for k in e_ref:
+        assert torch.allclose(e_got[k], e_ref[k], rtol=1e-4, atol=1e-6), k
+
+
+def _memory_worker(rank, world, cfgs, out):
+    from dsv3.train.loop import build_model
+    from dsv3.train.pipeline_step import PipelineStep
+
+    res = {}
+    for name, cfg_dict in cfgs.items():
+        cfg = RunConfig.from_dict(cfg_dict)
+        model = build_model(cfg, torch.device("cpu"))
+        pipe = PipelineStep(model, cfg)
+        freed = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
+        res[name] = {"held": pipe.held_bytes, "whole": pipe.whole_bytes, "freed": freed,
+                     "counted": sum(p.untyped_storage().nbytes() for p in model.parameters())}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+def test_ranks_hold_only_their_stages(tiny_shards, tmp_path):
+    """Per-rank parameter bytes after the pipeline is built: exactly the stages the rank runs (the other
+    parameters have no storage). tiny, PP=2. 1F1B (3 layers split 2+1): rank 0 = embedding + layers 0-1,
+    rank 1 = layer 2 + norm + head + MTP + the embedding MTP reads (so the embedding is on both).
+    DualPipeV (4 layers, 4 stages): rank 0 = stages 0 and 3 (embedding, layer 0, layer 3, norm, head, MTP),
+    rank 1 = stages 1 and 2 (layers 1-2): the two ranks together hold the model exactly once."""
+    from dsv3.model.transformer import DeepSeekV3
+
+    cfgs = {"1f1b": _cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=1f1b"),
+            "dualpipev": _cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=dualpipev",
+                              "model.num_hidden_layers=4")}
+    spawn(_memory_worker, 2, {k: c.model_dump(mode="json") for k, c in cfgs.items()}, str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    def nbytes(model, *prefixes):
+        return sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith(prefixes))
+
+    m = DeepSeekV3(cfgs["1f1b"].model)
+    whole = nbytes(m, "")
+    emb, tail = nbytes(m, "embed_tokens."), nbytes(m, "norm.", "lm_head.", "mtp.")
+    want = [emb + nbytes(m, "layers.0.", "layers.1."), nbytes(m, "layers.2.") + tail + emb]
+    for r in range(2):
+        g = got[r]["1f1b"]
+        assert g["whole"] == whole and g["held"] == g["counted"] == want[r], (r, g["held"], want[r])
+    names = [n for n, _ in m.named_parameters()]
+    assert set(got[0]["1f1b"]["freed"]) == {n for n in names if n.startswith(("layers.2.", "norm.", "lm_head.", "mtp."))}
+    assert set(got[1]["1f1b"]["freed"]) == {n for n in names if n.startswith(("layers.0.", "layers.1."))}
+    assert got[0]["1f1b"]["held"] + got[1]["1f1b"]["held"] == whole + emb  # only the embedding is twice
+
+    m = DeepSeekV3(cfgs["dualpipev"].model)
+    whole = nbytes(m, "")
+    want = [nbytes(m, "embed_tokens.", "layers.0.", "layers.3.", "norm.", "lm_head.", "mtp."),
+            nbytes(m, "layers.1.", "layers.2.")]
+    for r in range(2):
+        g = got[r]["dualpipev"]
+        assert g["whole"] == whole and g["held"] == g["counted"] == want[r], (r, g["held"], want[r])
+    assert want[0] + want[1] == whole and max(want) < whole
 
 
 def test_data_parallel_pipelines_match_plain_loop(tiny_shards, tmp_path):
@@ -88,7 +182,7 @@ def test_data_parallel_pipelines_match_plain_loop(tiny_shards, tmp_path):
     cfg = _cfg(tiny_shards, tmp_path / "pp", "parallel.pp=2", "parallel.dp=2", "parallel.schedule=1f1b",
                "parallel.num_chunks=2")
     spawn(_worker, 4, cfg.model_dump(mode="json"))
-    _assert_matches(tmp_path / "pp", tmp_path / "ref")
+    _assert_matches(tmp_path / "pp", tmp_path / "ref", val=False)  # dp=2 evaluates other windows than dp=1
 
 
 @pytest.mark.slow
