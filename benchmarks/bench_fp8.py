@@ -7,6 +7,8 @@ on the same token stream, is trained twice for ``--steps`` steps (default 200):
   1x128 / 128x128 scaling; embedding, head, gate, norms, attention core untouched).
 The data is a fixed random-but-learnable stream: a first-order Markov chain over
 ``--markov-vocab`` token ids in which each token has ``--successors`` possible successors.
+``--shards DIR`` trains on real packed token shards instead (e.g. ``data/shards`` built by
+``make data``), with held-out batches from their val split.
 The LR follows the shape of §4.2 scaled to the run: linear warmup (5% of the steps), constant,
 cosine decay over the last ``--decay`` fraction of the steps to 10% of the peak, so the runs
 end in the flat part of their curves. It prints both loss curves (every ``--print-every``
@@ -162,6 +164,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--shards", type=Path, default=None,
+                    help="train on these packed token shards (e.g. data/shards from `make data`) instead of the "
+                         "Markov stream; held-out batches from their val split")
     ap.add_argument("--markov-vocab", type=int, default=1024)
     ap.add_argument("--successors", type=int, default=4)
     ap.add_argument("--tail", type=int, default=20)
@@ -195,12 +200,26 @@ def main(argv=None) -> dict:
         res["gemm"] = gemm_bench(shapes, device, args.backend, args.gemm_reps)
 
     if not args.gemm_only:
-        mv = min(args.markov_vocab, cfg.vocab_size)
-        data = markov_stream(mv, args.successors, args.steps * args.batch * args.seq + 1, args.seed)
-        val = markov_stream(mv, args.successors, args.val_batches * args.batch * args.seq, args.seed,
-                            walk_seed=args.seed + 12345).view(args.val_batches, args.batch, args.seq)
-        print(f"Training {args.steps} steps, batch {args.batch} x seq {args.seq}, Markov chain over {mv} ids "
-              f"({args.successors} successors; entropy floor {math.log(args.successors):.3f})", flush=True)
+        n_tok = args.steps * args.batch * args.seq
+        if args.shards is not None:
+            from dsv3.train.data import PackedStream
+
+            train_s = PackedStream(args.shards, "train", args.seq, seed=args.seed)
+            val_s = PackedStream(args.shards, "val", args.seq, shuffle=False)
+            if train_s.shards.vocab_size > cfg.vocab_size:
+                raise SystemExit(f"--shards: vocab {train_s.shards.vocab_size} > the {args.preset} preset's "
+                                 f"{cfg.vocab_size}")
+            data = train_s.samples(0, args.steps * args.batch).flatten()
+            val = val_s.samples(0, args.val_batches * args.batch).view(args.val_batches, args.batch, args.seq)
+            print(f"Training {args.steps} steps, batch {args.batch} x seq {args.seq} on {args.shards} "
+                  f"({len(train_s.shards):,} train tokens)", flush=True)
+        else:
+            mv = min(args.markov_vocab, cfg.vocab_size)
+            data = markov_stream(mv, args.successors, n_tok + 1, args.seed)
+            val = markov_stream(mv, args.successors, args.val_batches * args.batch * args.seq, args.seed,
+                                walk_seed=args.seed + 12345).view(args.val_batches, args.batch, args.seq)
+            print(f"Training {args.steps} steps, batch {args.batch} x seq {args.seq}, Markov chain over {mv} ids "
+                  f"({args.successors} successors; entropy floor {math.log(args.successors):.3f})", flush=True)
         modes = ["bf16"] + [m for m in args.modes.split(",") if m and m != "bf16"]
         runs = {mode: train(mode, cfg, data, args, device, val) for mode in modes}
         tail = min(args.tail, args.steps)
