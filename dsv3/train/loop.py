@@ -25,8 +25,10 @@ Design choices
   `metrics.jsonl` in the run folder mirrors the per-step losses (truncated on resume).
 - Pipeline parallelism (§3.2.1, `parallel.pp > 1`): the ranks are pipeline ranks; the plain
   forward/backward of a step is replaced by `PipelineStep.forward_backward` (DualPipe / DualPipeV /
-  1F1B over the model's stages, dsv3/train/pipeline_step.py), clipping by its global norm, and the
-  weights are re-assembled on every rank after the update, so the rest of the loop is unchanged.
+  1F1B over the model's stages, dsv3/train/pipeline_step.py). After the model is built each rank keeps
+  only its stages' parameters (the others are freed, before the optimizer and EMA); hooks replace the
+  clipping norm, validation (through the stages), checkpoint save (whole model gathered to rank 0) and
+  load (each rank keeps its part), as for expert parallelism.
   Bubble fractions (measured per rank, analytic) are logged as `pipeline/*` and a Gantt chart as
   `plots/pipeline_gantt.png`.
 - Expert parallelism (§3.2.2, `parallel.ep > 1`): after the model is built, `ExpertStep` shards its routed

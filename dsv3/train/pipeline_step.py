@@ -5,15 +5,20 @@ The pipeline ranks are the workers of the training group (Ray Train via `dsv3.la
 with dp × pp workers; gloo on CPU, NCCL on GPU); this module only uses the torch.distributed group.
 
 Design:
-- Every rank builds the whole `DeepSeekV3` from the same seed and runs the stages of its schedule
-  (`pipeline_for`: DualPipe ranks r and PP-1-r, DualPipeV r and 2PP-1-r, 1F1B r). Only the parameters
-  of those stages ("held") get gradients, so AdamW (built over the whole model) updates only them.
-  After `opt.step()`, `sync_weights()` broadcasts each parameter from its owner (the lowest rank that
-  holds it), so every rank again has the whole, current model: evaluation, the CPU EMA, checkpoints
-  (rank 0 saves the whole model, the HF export stays one model), rollbacks and resume work unchanged.
-  The optimizer state is assembled from the owners for a checkpoint (`full_optimizer`). This keeps
-  the pp == 1 code path untouched; the price is that a rank stores the whole model (no memory saving
-  from PP yet) and one weight broadcast per step.
+- Every rank builds the whole `DeepSeekV3` from the same seed (so the weights are the plain run's), picks
+  the stages of its schedule (`pipeline_for`: DualPipe ranks r and PP-1-r, DualPipeV r and 2PP-1-r,
+  1F1B r) and keeps only their parameters ("held", including what a stage references: the embedding that
+  the last stage's MTP reads). Every other parameter is freed in place (`_free`: it becomes an empty
+  tensor with the same dtype, device and ndim; the module tree, names and buffers stay), before the
+  optimizer and the CPU EMA are built, so AdamW's groups and indices are the plain run's and the EMA copies
+  only held weights. The transient peak is one whole model per rank at build time (as in expert_step.py).
+- No weight broadcast: a parameter held by several ranks (DualPipe's two copies of each stage, the
+  embedding of 1F1B / DualPipeV's first and last stage when they are on different ranks) starts equal
+  (same seed), gets the same summed gradient and the same clip coefficient on every holder, so AdamW
+  keeps the copies equal. The routing-bias buffers (gate `e_score_correction_bias`, a few floats per
+  layer) stay whole on every rank: the loop's world all-reduce of `model.expert_load()` gives every rank
+  the global counts (a layer counts only on the rank that ran it), so every rank applies the plain run's
+  update to every layer, in particular to the layers it holds.
 - A step: the global batch (all ranks read the same batch) is cut into `parallel.chunks` micro-batches.
   DualPipe: rank 0 feeds the first half and computes the loss of the second, rank PP-1 the other way
   round; DualPipeV: rank 0 feeds and computes the loss; 1F1B: rank 0 feeds, rank PP-1 the loss. The
@@ -35,10 +40,26 @@ Design:
   data-parallel group. Pipeline d reads data shard d of the global batch; after the pipeline's own
   gradient sync, each held parameter's gradient and the loss parts are averaged over the
   data-parallel group (DDP's sum/dp), so every pipeline applies the same update and the run
-  equals the non-pipelined dp run. Clipping, weight sync and checkpoints then work per pipeline
-  unchanged (all pipelines hold the same weights; rank 0 saves).
-Memory: gradients and AdamW state exist only for the parameters a rank holds (non-held parameters
-never get a gradient, so AdamW keeps no state for them); the weights themselves are replicated.
+  equals the non-pipelined dp run. Clipping works per pipeline; all pipelines hold the same weights,
+  so checkpoints are assembled from pipeline 0.
+- Checkpoints stay one whole model: `full_state(opt, ema)` (a collective) gathers, from each parameter's
+  owner (the lowest rank of pipeline 0 holding it), its weight, AdamW state and EMA to global rank 0, which
+  builds a whole `DeepSeekV3` (plus the buffers), the optimizer state_dict of the plain run (same
+  parameter order) and the whole EMA dict; `checkpoint.save` and the HF export `final/` are unchanged.
+  `load(ckpt, model, opt, ema)` is `checkpoint.load` for the split model (resume and rollback): every
+  rank reads the whole checkpoint and keeps its part.
+- Validation (`evaluate`): the windows of the pipeline's data shard go through the stages in order, one
+  batch at a time, hidden states sent point-to-point (stage s on the lowest rank holding it); no schedule,
+  so evaluation has a (PP-1)/PP bubble but needs no weights beyond a rank's own stages. With the same
+  number of data ranks, the windows and the loss are the plain run's (EMA evaluation: the held EMA
+  weights are swapped into the held parameters).
+Memory: a rank stores the weights, gradients, AdamW state and CPU EMA of the parameters it holds only:
+1F1B ≈ 1/PP of the model, DualPipeV 2 of 2PP stages ≈ 1/PP, DualPipe 2 of PP stages ≈ 2/PP (the whole
+model at PP=2) — plus the embedding, head and MTP on the end stages with an even layer split (`small`,
+PP=2, 1F1B: 39% / 70% of the 132 MB on ranks 0 / 1; DualPipeV: 62% / 38%; PP=4 1F1B: 27/25/13/45%;
+`parallel.stage_bounds` evens them out). Transient whole-model copies remain at build time (every rank),
+at checkpoint time (global rank 0 assembles the model + AdamW state + EMA in CPU memory) and when loading
+a checkpoint (every rank reads the whole one into CPU memory).
 Not supported yet (clear errors): ep > 1 together with pp > 1, fp8 (its Linear layers cannot take the
 zero-bubble weight-grad split), debug NaN injection.
 """
