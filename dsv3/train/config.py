@@ -23,6 +23,7 @@ class ExtendStage(BaseModel):
     seq_len: int = Field(1024, gt=0)
     steps: int = Field(20, gt=0)
     batch_size: int = Field(2, gt=0)
+    shards: str | None = None  # this stage's packed shards; None: train.shards (the pretraining data)
 
 
 class ExtendConfig(BaseModel):

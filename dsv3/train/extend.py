@@ -8,12 +8,16 @@ only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages
   "original_max_position_embeddings": L0, "beta_fast": 32, "beta_slow": 1,
   "mscale": 1.0, "mscale_all_dim": 1.0} and max_position_embeddings = s·L0,
 - runs `loop.train` (or the Ray launcher) from the previous stage's checkpoint at the
-  stage's sequence length with a constant LR (no warmup/decay; one validation batch at
-  the end, no EMA: these stages are short), MTP λ at its late
-  value and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
+  stage's sequence length, on the stage's own shards when `stages[i].shards` is set (else
+  `train.shards`, the pretraining data), with a constant LR (no warmup/decay; one
+  validation batch at the end, no EMA: these stages are short), MTP λ at its late value
+  and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
 - is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
   depths) of the base model before and of the final model after, the validation loss at
   each probe length before/after (`longctx/...`), and registers the final model.
+
+`benchmarks/bench_extend.py` runs this on a small model that can retrieve a passkey at its
+pretraining length, against a plain-RoPE control with the same extra training.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def stage_config(cfg, i: int, init_from: str, L0: int):
                           mtp_loss_weight=cfg.train.mtp_loss_weight_late,
                           bias_update_speed=cfg.train.bias_update_speed_late)
     t = cfg.train.model_copy(update=dict(
-        seq_len=st.seq_len, batch_size=st.batch_size, steps=st.steps, lr=ex.lr, warmup_frac=0.0,
+        seq_len=st.seq_len, batch_size=st.batch_size, shards=st.shards or cfg.train.shards, steps=st.steps,
+        lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
         init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir).resolve() / f"extend_{i + 1}"),
         eval_every=st.steps, ckpt_every=st.steps, eval_batches=1, ema=False, register_model=False,

@@ -52,3 +52,13 @@ def test_pretrain_flow_in_prefect(tiny_shards, tmp_path, mlflow_uri, capsys, pre
     assert res["extend"]["checkpoint"] in text
     pre = tracking.run_info(res["pretrain"]["run_id"])
     assert pre.data.tags["mlflow.parentRunId"] == res["run_id"]
+
+
+def test_stage_shards_default_to_pretraining_data(tiny_shards, tmp_path):
+    from dsv3.train.extend import stage_config
+
+    cfg = tiny_cfg(tiny_shards, tmp_path / "run",
+                   "train.extend.stages=[{factor: 2, seq_len: 64, steps: 1}, "
+                   "{factor: 4, seq_len: 128, steps: 1, shards: /data/long}]")
+    assert stage_config(cfg, 0, "x", 32).train.shards == tiny_shards
+    assert stage_config(cfg, 1, "x", 32).train.shards == "/data/long"
