@@ -349,7 +349,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
             n_mtp = cfg.model.num_nextn_predict_layers
             sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
             if pipe is not None:
-                sums = pipe.forward_backward(x, model.mtp_loss_weight, autocast_ctx(t.precision, device))
+                sums = pipe.forward_backward(x, model.mtp_loss_weight, autocast_ctx(t.precision, device),
+                                             poison=(s + 1) in t.debug_nan_steps and (s + 1) not in injected)
             for i in range(acc if pipe is None else 0):
                 xb = x[i * mb:(i + 1) * mb]
                 with autocast_ctx(t.precision, device):

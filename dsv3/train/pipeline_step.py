@@ -61,7 +61,7 @@ PP=2, 1F1B: 39% / 70% of the 132 MB on ranks 0 / 1; DualPipeV: 62% / 38%; PP=4 1
 at checkpoint time (global rank 0 assembles the model + AdamW state + EMA in CPU memory) and when loading
 a checkpoint (every rank reads the whole one into CPU memory).
 Not supported yet (clear errors): ep > 1 together with pp > 1, fp8 (its Linear layers cannot take the
-zero-bubble weight-grad split), debug NaN injection.
+zero-bubble weight-grad split).
 """
 
 from __future__ import annotations
@@ -96,8 +96,6 @@ def check_config(cfg, world: int) -> None:
                           f"{cfg.model.num_hidden_layers} layers")
     if t.precision == "fp8":
         raise ConfigError("train.precision: fp8 with pipeline parallelism is not supported yet")
-    if t.debug_nan_steps:
-        raise ConfigError("train.debug_nan_steps: not supported with pipeline parallelism")
     from dsv3.train.schedule import Schedules
 
     for b in sorted(set(Schedules(t, cfg.model, p.dp).plan.batches)):
@@ -198,9 +196,10 @@ class PipelineStep:
             return ((x,), (x, x)) if first else ((), ())
         return ((x,) if first else ()), ((x, x) if last else ())
 
-    def forward_backward(self, x: torch.Tensor, mtp_weight: float, autocast) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, mtp_weight: float, autocast, poison: bool = False) -> torch.Tensor:
         """Loss + grads of the whole batch `x` [B, S] (labels = x); returns the all-reduced
-        [loss, main, balance, mtp_1..] (float64, as the loop's `sums`)."""
+        [loss, main, balance, mtp_1..] (float64, as the loop's `sums`). poison (train.debug_nan_steps): the
+        criterion is multiplied by NaN, as the plain loop's injected bad batch (NaN loss, NaN grads)."""
         n = self.chunks
         B, S = x.shape
         if B % n:
@@ -211,7 +210,8 @@ class PipelineStep:
             if st.last:
                 st.mtp_loss_weight = mtp_weight
         inputs, labels = self._feed(x)
-        crit = (lambda h, ids, lab: self.criterion(h, ids, lab) / n) if self.criterion is not None else None
+        scale = float("nan") if poison else 1.0
+        crit = (lambda h, ids, lab: self.criterion(h, ids, lab) / n * scale) if self.criterion is not None else None
         with autocast:
             loss, _ = self.pipe.step(*inputs, num_chunks=n, criterion=crit, labels=labels)
         n_mtp = self.cfg.model.num_nextn_predict_layers

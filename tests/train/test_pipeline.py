@@ -4,7 +4,8 @@ aux_loss_alpha; and each component) and final weights match the non-pipelined ru
 DualPipe on a local Ray cluster with 2 CPU workers (MLflow: bubble metrics and the Gantt chart);
 1F1B and DualPipeV on 2 spawned gloo ranks (faster, same loop); two data-parallel 1F1B pipelines on 4 ranks;
 a resumed pipeline run is bitwise equal. Each pipeline rank holds only its stages' parameter bytes, and a
-pipeline checkpoint loads strictly into a plain model with the plain run's AdamW state and EMA."""
+pipeline checkpoint loads strictly into a plain model with the plain run's AdamW state and EMA; a NaN step
+rolls a 1F1B run back through the pipeline's checkpoint load exactly as the plain run."""
 
 import json
 from pathlib import Path
@@ -36,14 +37,15 @@ def _val(run_dir):
     return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
 
 
-def _assert_matches(run_dir, ref_dir, val=True):
+def _assert_matches(run_dir, ref_dir, val=True, n=STEPS):
     """val: also the validation losses (live and EMA weights); the pipeline evaluates through its stages.
-    Off when the reference has a different number of data ranks (then the validation windows differ)."""
+    Off when the reference has a different number of data ranks (then the validation windows differ).
+    n: the number of step records (a rolled-back step is recorded twice)."""
     got, ref = _records(run_dir), _records(ref_dir)
-    assert len(got) == len(ref) == STEPS
+    assert len(got) == len(ref) == n
     for g, r in zip(got, ref):
         for k in COMPARED:
-            assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-8), (g["step"], k, g[k], r[k])
+            assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-8, nan_ok=True), (g["step"], k, g[k], r[k])
     if val:
         gv, rv = _val(run_dir), _val(ref_dir)
         assert len(gv) == len(rv) >= 1
@@ -85,13 +87,23 @@ def _worker(rank, world, cfg_dict):
     train(RunConfig.from_dict(cfg_dict), track=False)
 
 
-@pytest.mark.parametrize("schedule,layers", [("1f1b", 3), ("dualpipev", 4)])
-def test_schedule_matches_plain_loop(tiny_shards, tmp_path, schedule, layers):
-    ov = (f"model.num_hidden_layers={layers}",)
+# 1F1B also runs 4 steps with a NaN at step 4: one bad step rolls back to the step-2 checkpoint (older than
+# step 3's update, so PipelineStep.load must restore weights, AdamW state and EMA), then steps 3-4 again
+BAD = ("train.steps=4", "train.debug_nan_steps=[4]", "train.max_bad_steps=1", "train.ckpt_every=2",
+       "train.eval_every=2")
+
+
+@pytest.mark.parametrize("schedule,layers,bad", [("1f1b", 3, BAD), ("dualpipev", 4, ())])
+def test_schedule_matches_plain_loop(tiny_shards, tmp_path, schedule, layers, bad):
+    ov = (f"model.num_hidden_layers={layers}", *bad)
     train(_cfg(tiny_shards, tmp_path / "ref", *ov), track=False)
     cfg = _cfg(tiny_shards, tmp_path / "pp", *ov, "parallel.pp=2", f"parallel.schedule={schedule}")
     spawn(_worker, 2, cfg.model_dump(mode="json"))
-    _assert_matches(tmp_path / "pp", tmp_path / "ref")
+    _assert_matches(tmp_path / "pp", tmp_path / "ref", n=6 if bad else STEPS)
+    if bad:
+        recs = _records(tmp_path / "pp")
+        assert [r["step"] for r in recs] == [1, 2, 3, 4, 3, 4] and recs[-1]["train/rollbacks"] == 1
+        assert recs[3]["train/loss"] != recs[3]["train/loss"]  # the NaN step
     _assert_loads_into_plain_model(cfg, tmp_path / "pp", tmp_path / "ref")
 
 
