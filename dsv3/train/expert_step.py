@@ -56,9 +56,6 @@ def check_config(cfg, world: int) -> None:
     p, m = cfg.parallel, cfg.model
     if p.ep <= 1:
         return
-    if p.pp > 1:
-        raise ConfigError(f"parallel.ep: expert parallelism (ep={p.ep}) with pipeline parallelism (parallel.pp="
-                          f"{p.pp}) is not supported yet")
     if p.dp % p.ep:
         raise ConfigError(f"parallel.ep: ep={p.ep} does not divide parallel.dp={p.dp} (EP groups are made of "
                           "data-parallel ranks)")
@@ -66,9 +63,9 @@ def check_config(cfg, world: int) -> None:
         raise ConfigError(f"parallel.ep: ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
     if m.first_k_dense_replace >= m.num_hidden_layers and not m.num_nextn_predict_layers:
         raise ConfigError(f"parallel.ep: ep={p.ep} but the model has no MoE layer (model.first_k_dense_replace)")
-    if world != p.dp:
-        raise ConfigError(f"parallel.dp: expert parallelism needs dp = {p.dp} ranks, got {world} (launch with "
-                          "dsv3.launch.run_training / dsv3 pretrain, which start parallel.dp workers)")
+    if world != p.dp * p.pp:
+        raise ConfigError(f"parallel.dp: expert parallelism needs dp × pp = {p.dp} × {p.pp} ranks, got {world} "
+                          "(launch with dsv3.launch.run_training / dsv3 pretrain, which start dp × pp workers)")
 
 
 class ExpertStep:
@@ -81,17 +78,21 @@ class ExpertStep:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_config(cfg, self.world)
         M = self.M = cfg.parallel.ep
+        D, P = self.dp, self.pp = cfg.parallel.dp, cfg.parallel.pp
         self.config = model.config
-        for g in range(self.world // M):
-            ranks = list(range(g * M, (g + 1) * M))
-            pg = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.ep_group = pg
-        for j in range(M):
-            ranks = list(range(j, self.world, M))
-            pg = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.rep_group, self.n_rep = pg, len(ranks)
+        # per stage position i (pp = 1: one position, the world), its data-parallel ranks d·P + i, d < D;
+        # EP groups: M consecutive of them; replica groups: the same expert slice in the other EP groups
+        for i in range(P):
+            for g in range(D // M):
+                ranks = [(g * M + k) * P + i for k in range(M)]
+                pg = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.ep_group = pg
+            for j in range(M):
+                ranks = [(j + t * M) * P + i for t in range(D // M)]
+                pg = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.rep_group, self.n_rep = pg, len(ranks)
         # the whole model's optimizer order (names), as a plain run's AdamW sees it
         name_of = {id(p): n for n, p in model.named_parameters()}
         self.full_groups = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
@@ -121,7 +122,8 @@ class ExpertStep:
     # ---------- gradients ----------
     @torch.no_grad()
     def allreduce_grads(self) -> None:
-        """Dense grads: sum over the world / world; expert grads: sum over the replica group / world."""
+        """Dense grads: sum over the world / world; expert grads: sum over the replica group / world.
+        pp = 1 only (with pp > 1, PipelineStep.forward_backward syncs per stage position)."""
         from dsv3.train.loop import allreduce_grads
 
         allreduce_grads(self.dense_params, self.world)
@@ -141,7 +143,8 @@ class ExpertStep:
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The whole model's gradient norm (each expert slice once) and clipping, as clip_grad_norm_."""
+        """The whole model's gradient norm (each expert slice once) and clipping, as clip_grad_norm_.
+        pp = 1 only (with pp > 1: PipelineStep.clip_grad_norm)."""
         def sq(ps):
             return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None),
                        torch.zeros((), dtype=torch.float64, device=self.device))
@@ -180,7 +183,8 @@ class ExpertStep:
 
     def full_state(self, opt, ema=None):
         """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
-        on rank 0, (None, None, None) elsewhere; a collective: call on every rank."""
+        on rank 0, (None, None, None) elsewhere; a collective: call on every rank. pp = 1 only (with pp > 1
+        PipelineStep.full_state gathers stages and slices, with `g` and `whole_optimizer`)."""
         if self.rank >= self.M:  # EP group 0 holds every slice; the other groups' ranks hold copies
             return None, None, None
         model = self.model
@@ -203,19 +207,38 @@ class ExpertStep:
             whole = type(model)(self.config)
         whole.to_empty(device="cpu")
         whole.load_state_dict(w)
-        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
-        groups, start = [], 0
-        for pg, names in zip(sd["param_groups"], self.full_groups):
-            groups.append({**pg, "params": list(range(start, start + len(names)))})
-            start += len(names)
-        full_opt = {"state": {index[n]: st for n, st in sorted(ost.items(), key=lambda kv: index[kv[0]])},
-                    "param_groups": groups}
+        full_opt = self.whole_optimizer(sd["param_groups"], ost)
         full_ema = None
         if ema is not None:
             e = {self.g(n): v for n, v in ema_sd.items() if n not in self.expert_names}
             e.update(got["e"])
             full_ema = _StateDict(e)
         return whole, _StateDict(full_opt), full_ema
+
+    def whole_optimizer(self, param_groups: list, state: dict) -> dict:
+        """The optimizer state_dict a plain run saves: `param_groups` (this rank's hyperparameters, same groups)
+        with the whole model's parameter indices, `state` ({whole-model name: AdamW state}) at those indices."""
+        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
+        groups, start = [], 0
+        for pg, names in zip(param_groups, self.full_groups):
+            groups.append({**pg, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        return {"state": {index[n]: st for n, st in sorted(state.items(), key=lambda kv: index[kv[0]])},
+                "param_groups": groups}
+
+    def local_optimizer(self, full: dict, local_groups: list, keep=None) -> dict:
+        """This rank's optimizer state_dict from a whole checkpoint's (`whole_optimizer`'s layout):
+        `local_groups` = local parameter names per group in the optimizer's order; `keep(local name)`
+        (default: all) selects the parameters whose state is taken (a pipeline rank's held ones)."""
+        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
+        local, groups, start = {}, [], 0
+        for pg, names in zip(full["param_groups"], local_groups):
+            for k, n in enumerate(names):
+                if index[self.g(n)] in full["state"] and (keep is None or keep(n)):
+                    local[start + k] = full["state"][index[self.g(n)]]
+            groups.append({**pg, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        return {"state": local, "param_groups": groups}
 
     def load(self, ckpt_dir, model, opt=None, ema=None) -> dict:
         """`checkpoint.load` for the sharded model: every rank reads the whole checkpoint, keeps its slice."""
@@ -237,15 +260,7 @@ class ExpertStep:
                     m.gate.e_score_correction_bias.copy_(b)
         if opt is not None:
             full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
-            index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
-            local, groups, start = {}, [], 0
-            for pg, names in zip(full["param_groups"], _groups(model)):
-                for k, n in enumerate(names):
-                    if index[self.g(n)] in full["state"]:
-                        local[start + k] = full["state"][index[self.g(n)]]
-                groups.append({**pg, "params": list(range(start, start + len(names)))})
-                start += len(names)
-            opt.load_state_dict({"state": local, "param_groups": groups})
+            opt.load_state_dict(self.local_optimizer(full, _groups(model)))
         if ema is not None and (d / "ema.safetensors").is_file():
             e = load_file(d / "ema.safetensors")
             ema.load_state_dict({n: e[self.g(n)] for n in ema.names})

@@ -34,7 +34,9 @@ Design choices
 - Expert parallelism (§3.2.2, `parallel.ep > 1`): after the model is built, `ExpertStep` shards its routed
   experts over EP groups of the data-parallel ranks (dsv3/train/expert_step.py); its hooks replace the
   gradient all-reduce, the clipping norm, checkpoint save (whole model gathered to rank 0) and load
-  (each rank keeps its slice); validation pads the ranks to the same number of forwards.
+  (each rank keeps its slice); validation pads the ranks to the same number of forwards. With pp > 1 too,
+  the EP groups are formed inside each stage position's data-parallel group and the pipeline's hooks
+  (given the ExpertStep) do the syncing, clipping, checkpoints and validation for both.
 """
 
 from __future__ import annotations
@@ -222,11 +224,11 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     if cfg.parallel.pp > 1:
         from dsv3.train.pipeline_step import PipelineStep
 
-        pipe = PipelineStep(model, cfg)  # frees the other ranks' stages in place: before the optimizer and EMA
-    load_ckpt = ep.load if ep is not None else pipe.load if pipe is not None else ckpt.load
+        pipe = PipelineStep(model, cfg, ep=ep)  # frees the other ranks' stages in place: before the optimizer and EMA
+    load_ckpt = pipe.load if pipe is not None else ep.load if ep is not None else ckpt.load
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = (ep or pipe).n_params if ep or pipe else sum(p.numel() for p in params)  # the whole model's
+    n_params = (pipe or ep).n_params if ep or pipe else sum(p.numel() for p in params)  # the whole model's
     opt = make_optimizer(model, t)
     ema = CpuEMA(model, t.ema_decay) if t.ema else None
     # the ranks of one pipeline share its batch; pipelines (dp > 1) read their own shards
@@ -297,7 +299,7 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
                 ema.wait()
             whole, opt_state, ema_state = model, opt, ema
             if ep is not None or pipe is not None:  # a collective: the slices / stages gathered to rank 0
-                whole, opt_state, ema_state = (ep or pipe).full_state(opt, ema)
+                whole, opt_state, ema_state = (pipe or ep).full_state(opt, ema)
             if rank == 0:
                 state["load_total"] = load_total.tolist()
                 path = ckpt.save(ck_root, step, whole, opt_state, {k: v for k, v in state.items() if k != "step"},

@@ -83,8 +83,6 @@ def check_config(cfg, world: int) -> None:
     if world != p.dp * p.pp:
         raise ConfigError(f"parallel: dp × pp = {p.dp} × {p.pp} = {p.dp * p.pp} ranks expected, got {world} "
                           "(launch with dsv3.launch.run_training / dsv3 pretrain, which starts dp × pp workers)")
-    if p.ep > 1:
-        raise ConfigError(f"parallel.ep: expert parallelism ({p.ep}) combined with pp > 1 is not supported yet")
     if p.schedule == "dualpipe" and p.pp % 2:
         raise ConfigError(f"parallel.pp: DualPipe needs an even number of pipeline ranks, got {p.pp}")
     n = p.chunks
@@ -123,10 +121,11 @@ def _dp_pp_groups(dp: int, pp: int):
 class PipelineStep:
     """This rank's part of a pipeline-parallel training step; see the module docstring."""
 
-    def __init__(self, model, cfg, group=None):
+    def __init__(self, model, cfg, group=None, ep=None):
+        """ep: the ExpertStep that sharded `model`'s routed experts (parallel.ep > 1), built before this."""
         from dsv3.parallel.stages import pipeline_for
 
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.ep = model, cfg, ep
         check_config(cfg, dist.get_world_size())
         self.dp, self.dp_rank, self.dp_group = 1, 0, None
         if group is None and cfg.parallel.dp > 1:
@@ -167,7 +166,10 @@ class PipelineStep:
         if len(self.names) != len(params):
             raise RuntimeError("named_parameters and parameters disagree")
         self.shapes = [tuple(p.shape) for p in params]
-        self.n_params = sum(p.numel() for p in params)
+        # whole-model names (a local expert slice's index -> the global expert's) and the expert slices
+        self.gnames = [ep.g(n) for n in self.names] if ep is not None else self.names
+        self.experts = {i for i, n in enumerate(self.names) if n in ep.expert_names} if ep is not None else set()
+        self.n_params = ep.n_params if ep is not None else sum(p.numel() for p in params)
         self.whole_bytes = sum(p.numel() * p.element_size() for p in params)
         self._free()
 
@@ -233,16 +235,27 @@ class PipelineStep:
         if self.dp_group is not None:  # data parallel over pipelines: mean of the replicas' grads and losses
             parts_d /= self.dp
             dist.all_reduce(parts_d, group=self.dp_group)
-            held = [self.params[i] for i in sorted(self.held)]
-            for p in held:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in held])
-            flat /= self.dp
-            dist.all_reduce(flat, group=self.dp_group)
-            for p, g in zip(held, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in held])):
-                p.grad.copy_(g)
+            dense = [self.params[i] for i in sorted(self.held - self.experts)]
+            self._mean_grads(dense, self.dp_group)
+            if self.ep is not None:  # expert slices: the same slice in the data-parallel group's other EP groups
+                experts = [self.params[i] for i in sorted(self.held & self.experts)]
+                self._mean_grads(experts, self.ep.rep_group if self.ep.n_rep > 1 else None)
         return parts_d.cpu()
+
+    def _mean_grads(self, held: list, group) -> None:
+        """grad = sum over `group` (None: this rank alone) / dp, i.e. the DDP mean over the data-parallel
+        pipelines (an expert slice's grad already sums its EP group's tokens through the all-to-all)."""
+        if not held:  # the same on every member of the group (same stage position, same slice)
+            return
+        for p in held:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch._utils._flatten_dense_tensors([p.grad for p in held])
+        flat /= self.dp
+        if group is not None:
+            dist.all_reduce(flat, group=group)
+        for p, g in zip(held, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in held])):
+            p.grad.copy_(g)
 
     def _sync_grads(self) -> None:
         if self.kind == "dualpipe":
@@ -265,14 +278,19 @@ class PipelineStep:
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global grad norm (each parameter counted once, on its owner) and clipping, as clip_grad_norm_."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.pipe._device)
+        """Global grad norm (each parameter counted once, on its owner; with ep each expert slice once: the
+        pipeline's slice norms² summed over the EP group) and clipping, as clip_grad_norm_."""
+        sq = torch.zeros(2, dtype=torch.float64, device=self.pipe._device)  # [dense, expert slices]
         for i in self.held:
             g = self.params[i].grad
             if g is not None and self.owner[i] == self.rank:
-                sq += g.double().pow(2).sum()
+                sq[int(i in self.experts)] += g.double().pow(2).sum()
         dist.all_reduce(sq, group=self.group)
-        norm = float(sq.sqrt())
+        if self.ep is not None:
+            e = sq[1:].clone()
+            dist.all_reduce(e, group=self.ep.ep_group)
+            sq[1] = e[0]
+        norm = float((sq[0] + sq[1]).sqrt())
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0 or not math.isfinite(norm):
             for i in self.held:
@@ -287,7 +305,10 @@ class PipelineStep:
         pipeline's data shard go through the stages in order, one batch at a time (stage s runs on the
         lowest pipeline rank holding it; hidden states are sent point-to-point, cast to the model dtype as
         in training). The last stage adds the main next-token loss. No schedule, no overlap: evaluation
-        has a (PP-1)/PP bubble, but needs no weights beyond the rank's own stages."""
+        has a (PP-1)/PP bubble, but needs no weights beyond the rank's own stages. With ep, an MoE stage is a
+        collective over its EP group (the same stage position in other pipelines, running the same stages in
+        the same order), so every pipeline runs the same number of batches (`ExpertStep.pad_batches`; the
+        padding batches are not counted)."""
         from dsv3.model.transformer import _shifted_ce
         from dsv3.train.data import bits_per_byte
         from dsv3.train.loop import autocast_ctx
@@ -297,7 +318,8 @@ class PipelineStep:
         model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=dev)
         glob = (lambda r: r) if self.group is dist.group.WORLD else (lambda r: dist.get_global_rank(self.group, r))
-        for x in stream.eval_batches(batches, batch, self.dp_rank, self.dp):
+        xs = list(stream.eval_batches(batches, batch, self.dp_rank, self.dp))
+        for x, counted in (self.ep.pad_batches(xs, self.seq_len) if self.ep is not None else [(x, True) for x in xs]):
             x, h = x.to(dev), None
             for s in range(self.n_stages):
                 if self.stage_rank[s] != self.rank:
@@ -308,7 +330,7 @@ class PipelineStep:
                     dist.recv(h, src=glob(self.stage_rank[s - 1]), group=self.group)
                 with autocast_ctx(precision, dev):
                     h = st(x if s == 0 else h)
-                    if s == self.n_stages - 1:
+                    if s == self.n_stages - 1 and counted:
                         n = x.shape[0] * (x.shape[1] - 1)
                         tot[0] += _shifted_ce(st.logits(h), x, 1).double() * n
                         tot[1] += n
@@ -330,18 +352,24 @@ class PipelineStep:
         on global rank 0, (None, None, None) elsewhere; a collective: call on every rank. Each parameter,
         its AdamW state and its EMA come from its owner (the lowest pipeline rank holding it) in pipeline 0
         (data-parallel pipelines hold the same values); buffers (routing biases) are whole on every rank."""
-        if self.dp_rank != 0:
+        ep = self.ep
+        # pipelines 0 .. M-1 (EP group 0 at every stage position) hold every stage and every expert slice
+        contributes = self.dp_rank < (ep.M if ep is not None else 1)
+        if ep is None and not contributes:
             return None, None, None
-        owned = {self.names[i] for i in self.held if self.owner[i] == self.rank}
-        w = {n: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned}
+        g = dict(zip(self.names, self.gnames))  # local -> whole-model names
+        owned = {self.names[i] for i in self.held if self.owner[i] == self.rank} if contributes else set()
+        w = {g[n]: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned}
         names = self._opt_names(opt)
         sd = opt.state_dict()
-        o = {names[k]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in st.items()}
+        o = {g[names[k]]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in st.items()}
              for k, st in sd["state"].items() if names[k] in owned}
-        e = {n: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}
-        out = [None] * self.pp if self.rank == 0 else None
-        dist.gather_object({"w": w, "o": o, "e": e}, out, dst=0, group=self.group)  # pipeline 0 holds global rank 0
-        if self.rank != 0:
+        e = {g[n]: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}
+        # ep: every rank takes part (the others send nothing); else pipeline 0 only (it holds global rank 0)
+        n_in = dist.get_world_size() if ep is not None else self.pp
+        out = [None] * n_in if dist.get_rank() == 0 else None
+        dist.gather_object({"w": w, "o": o, "e": e}, out, dst=0, group=None if ep is not None else self.group)
+        if dist.get_rank() != 0:
             return None, None, None
         for d in out[1:]:
             w.update(d["w"])
@@ -349,16 +377,20 @@ class PipelineStep:
             e.update(d["e"])
         canon = {id(p): n for n, p in zip(self.names, self.params)}
         for n, p in self.model.named_parameters(remove_duplicate=False):  # tied weights under both names
-            w.setdefault(n, w[canon[id(p)]])
+            w.setdefault(ep.g(n) if ep is not None else n, w[g[canon[id(p)]]])
         keys = set(self.model.state_dict())
-        w.update({n: b.detach().cpu() for n, b in self.model.named_buffers() if n in keys})
+        w.update({(ep.g(n) if ep is not None else n): b.detach().cpu()
+                  for n, b in self.model.named_buffers() if n in keys})
         with torch.device("meta"):
             whole = type(self.model)(self.model.config)
         whole.to_empty(device="cpu")
         whole.load_state_dict(w)
-        index = {n: k for k, n in enumerate(names)}
-        full_opt = {"state": {index[n]: st for n, st in sorted(o.items(), key=lambda kv: index[kv[0]])},
-                    "param_groups": sd["param_groups"]}
+        if ep is not None:  # the whole model's parameter order (more experts than this rank's optimizer has)
+            full_opt = ep.whole_optimizer(sd["param_groups"], o)
+        else:
+            index = {n: k for k, n in enumerate(names)}
+            full_opt = {"state": {index[n]: st for n, st in sorted(o.items(), key=lambda kv: index[kv[0]])},
+                        "param_groups": sd["param_groups"]}
         return whole, _StateDict(full_opt), (_StateDict(e) if ema is not None else None)
 
     @torch.no_grad()
@@ -377,12 +409,13 @@ class PipelineStep:
         ckpt.verify(d)
         whole = type(model).from_pretrained(d / "model").state_dict()
         held = {self.names[i] for i in self.held}
-        for n, p in zip(self.names, self.params):
+        g = self.ep.g if self.ep is not None else (lambda n: n)  # local -> whole-model names
+        for n, gn, p in zip(self.names, self.gnames, self.params):
             if n in held:
-                p.copy_(whole[n])
+                p.copy_(whole[gn])
         for n, b in model.named_buffers():
-            if n in whole:
-                b.copy_(whole[n])
+            if g(n) in whole:
+                b.copy_(whole[g(n)])
         del whole
         extra = load_file(d / "extra.safetensors")
         if "routing_biases" in extra and extra["routing_biases"].numel():
@@ -391,11 +424,15 @@ class PipelineStep:
         if opt is not None:
             full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
             names = self._opt_names(opt)
-            opt.load_state_dict({"state": {k: st for k, st in full["state"].items() if names[k] in held},
-                                 "param_groups": full["param_groups"]})
+            if self.ep is not None:  # whole-model indices -> this rank's (its expert slices only)
+                local = [[names[k] for k in pg["params"]] for pg in opt.state_dict()["param_groups"]]
+                opt.load_state_dict(self.ep.local_optimizer(full, local, keep=held.__contains__))
+            else:
+                opt.load_state_dict({"state": {k: st for k, st in full["state"].items() if names[k] in held},
+                                     "param_groups": full["param_groups"]})
         if ema is not None and (d / "ema.safetensors").is_file():
             e = load_file(d / "ema.safetensors")
-            ema.load_state_dict({n: (e[n] if n in held else t) for n, t in ema.state_dict().items()})
+            ema.load_state_dict({n: (e[g(n)] if n in held else t) for n, t in ema.state_dict().items()})
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and torch.cuda.is_available():
             torch.cuda.set_rng_state(extra["rng_cuda"])

@@ -164,8 +164,9 @@ def test_config_errors_name_the_key(tiny_shards, tmp_path):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=2"), 3)
     with pytest.raises(ConfigError, match="model.n_routed_experts"):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=3"), 3)
-    with pytest.raises(ConfigError, match="parallel.pp"):
+    with pytest.raises(ConfigError, match="parallel.dp: expert parallelism needs dp × pp = 2 × 2 ranks, got 2"):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 2)
+    check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 4)  # ep with pp: supported
     with pytest.raises(ConfigError, match="parallel.dp"):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2"), 4)
     with pytest.raises(ConfigError, match="first_k_dense_replace"):

@@ -78,8 +78,7 @@ def test_config_errors(tiny_shards, tmp_path):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=dualpipev"), 2)
     with pytest.raises(ConfigError, match="dp × pp"):
         check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2"), 2)
-    with pytest.raises(ConfigError, match="parallel.ep"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"), 4)
+    check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"), 4)  # supported
     assert isinstance(RunConfig.load("configs/pretrain_tiny.yaml", ["parallel.pp=2"]).parallel.pp, int)
 
 
@@ -246,3 +245,87 @@ def test_pipeline_resume_is_bitwise(tiny_shards, tmp_path):
     spawn(_resume_worker, 2, _cfg(tiny_shards, tmp_path / "b", *ov).model_dump(mode="json"), True)
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert len(a) == 4 and [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+
+
+def _ep_worker(rank, world, cfg_dict, out):
+    """Train, then report what this rank holds after the loop's build (experts sharded, stages freed)."""
+    from dsv3.train.expert_step import ExpertStep
+    from dsv3.train.loop import build_model
+    from dsv3.train.pipeline_step import PipelineStep
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    train(cfg, track=False)
+    model = build_model(cfg, torch.device("cpu"))
+    ep = ExpertStep(model, cfg)
+    pipe = PipelineStep(model, cfg, ep=ep)
+    held = {ep.g(n): list(p.shape) for n, p in model.named_parameters() if p.untyped_storage().nbytes()}
+    Path(out, f"ep_rank{rank}.json").write_text(json.dumps(
+        {"held": held, "bytes": sum(p.untyped_storage().nbytes() for p in model.parameters()),
+         "n_params": pipe.n_params, "ranges": [list(m.local_range) for m in model.moe_layers()]}))
+
+
+@pytest.mark.parametrize("dp,batch", [(2, 4), pytest.param(4, 8, marks=pytest.mark.slow)])
+def test_expert_parallel_pipelines_match_plain_loop(tiny_shards, tmp_path, dp, batch):
+    """dp=2 × pp=2 × ep=2 on 4 gloo ranks (two 1F1B pipelines; at each stage position the two pipelines'
+    ranks form the EP group, each holding 4 of the 8 routed experts of its stage's MoE layers) gives the
+    single-process run's losses, grad norms and weights, through a NaN step rolled back to the step-2
+    checkpoint (PipelineStep.load with expert slices); validation through the stages equals the plain model
+    on the same windows; the checkpoint loads strictly into a plain DeepSeekV3 with the plain AdamW state and
+    EMA; each rank holds exactly its stage's parameters, of the MoE experts only its slice.
+    slow: dp=4 (8 ranks): two EP groups per stage position, so expert grads are also averaged over the
+    replica group (pipelines d and d+2 hold the same slice)."""
+    import re
+
+    from dsv3.model.transformer import DeepSeekV3
+    from dsv3.train import checkpoint as ckpt
+    from dsv3.train.data import PackedStream
+
+    ov = ("model.aux_loss_alpha=0.01", f"train.batch_size={batch}", *BAD)
+    train(_cfg(tiny_shards, tmp_path / "ref", *ov), track=False)
+    cfg = _cfg(tiny_shards, tmp_path / "pp", *ov, "parallel.pp=2", f"parallel.dp={dp}", "parallel.ep=2",
+               "parallel.schedule=1f1b", "parallel.num_chunks=2")
+    spawn(_ep_worker, 2 * dp, cfg.model_dump(mode="json"), str(tmp_path))
+    _assert_matches(tmp_path / "pp", tmp_path / "ref", val=False, n=6)
+    recs = _records(tmp_path / "pp")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 3, 4] and recs[-1]["train/rollbacks"] == 1
+    _assert_loads_into_plain_model(cfg, tmp_path / "pp", tmp_path / "ref")
+
+    # validation (live and EMA weights): the plain model of the reference run on the dp=2 windows
+    val = PackedStream(tiny_shards, "val", cfg.train.seq_len, shuffle=False)
+    got = _val(tmp_path / "pp")
+    assert [r["step"] for r in got] == [2, 2, 4]  # step 2, again after the rollback, step 4
+    c = ckpt.latest(tmp_path / "ref" / "checkpoints")
+    model = DeepSeekV3.from_pretrained(c / "model").eval()
+    ema = load_file(str(c / "ema.safetensors"))
+    for key, weights in (("val/loss", None), ("val/ema_loss", ema)):
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
+        tot = n = 0.0
+        with torch.no_grad():
+            for r in range(dp):
+                for x in val.eval_batches(cfg.train.eval_batches, batch // dp, r, dp):
+                    k = x.shape[0] * (x.shape[1] - 1)
+                    tot += float(model(x, labels=x, return_mtp=False).main_loss) * k
+                    n += k
+        assert got[-1][key] == pytest.approx(tot / n, rel=1e-5), key
+
+    # what each rank holds: rank = pipeline d · 2 + stage position i; EP slice j = d % 2 (experts 4j .. 4j+3)
+    plain = DeepSeekV3(cfg.model)
+    shapes = {n: list(p.shape) for n, p in plain.named_parameters()}
+    stage = [("embed_tokens.", "layers.0.", "layers.1."), ("embed_tokens.", "layers.2.", "norm.", "lm_head.", "mtp.")]
+    seen = set()
+    for rank in range(2 * dp):
+        rep = json.loads((tmp_path / f"ep_rank{rank}.json").read_text())
+        d, i = divmod(rank, 2)
+        d %= 2
+        def mine(n):
+            m = re.search(r"\.experts\.(\d+)\.", n)
+            return n.startswith(stage[i]) and (m is None or 4 * d <= int(m.group(1)) < 4 * d + 4)
+
+        want = {n: s for n, s in shapes.items() if mine(n)}
+        assert rep["held"] == want, (rank, sorted(set(rep["held"]) ^ set(want))[:6])
+        assert rep["bytes"] == sum(4 * torch.Size(s).numel() for s in want.values())
+        assert rep["n_params"] == sum(p.numel() for p in plain.parameters())
+        assert rep["ranges"] == [[4 * d, 4 * d + 4]] * len(plain.moe_layers())
+        seen |= set(rep["held"])
+    assert seen == set(shapes)  # the four ranks together hold the whole model
