@@ -123,7 +123,7 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     if cfg.parallel.ep > 1:
         from dsv3.train.expert_step import check_config as check_ep
 
-        check_ep(cfg, n)  # ep with pp, ep not dividing dp or the experts, workers != dp
+        check_ep(cfg, n)  # ep not dividing dp or the experts, workers != dp × pp
     if cfg.train.threads is None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"threads": max(1, (os.cpu_count() or 1) // n)})})

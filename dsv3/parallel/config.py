@@ -9,7 +9,7 @@ Pretraining with `pp > 1` (§3.2.1) runs dp × pp Ray workers and replaces the l
 with dsv3/train/pipeline_step.py (its `check_config` adds the run-level errors: pp vs the number of
 ranks, stages vs layers, batch vs num_chunks). With `ep > 1` (§3.2.2) pretraining shards the routed experts
 over EP groups of `ep` consecutive dp ranks (dsv3/train/expert_step.py; `check_config` there: ep must divide
-dp and n_routed_experts, pp must be 1).
+dp and n_routed_experts); with pp > 1 too, the EP groups are formed inside each stage position's dp group.
 """
 
 from typing import Literal

@@ -1,7 +1,8 @@
 """Expert parallelism in pretraining (report §3.2.2), for `train(cfg)` when `cfg.parallel.ep > 1` (issue 7).
 
 The ranks are the `parallel.dp` data-parallel workers of the training group (Ray Train via
-`dsv3.launch.run_training`; gloo on CPU, NCCL on GPU); this module only uses torch.distributed.
+`dsv3.launch.run_training`; gloo on CPU, NCCL on GPU); this module only uses torch.distributed. With
+pipeline parallelism (`parallel.pp` = P > 1, world = dp × P) see "With pipelines" below.
 
 Design (§3.2.2: attention and the dense parts data-parallel, routed experts sharded over the EP group):
 - Groups: consecutive blocks of `ep` = M ranks form the EP groups ({0..M-1}, {M..2M-1}, ...); rank j of
@@ -35,10 +36,28 @@ Design (§3.2.2: attention and the dense parts data-parallel, routed experts sha
 - Works with recomputation, the CPU EMA, NaN/spike skips + rollback, and fp8 (§3.3; the Linear swap
   happens before sharding; its wgrad tile scales depend on how an expert's tokens are batched, so fp8
   EP matches fp8 DP to ~1e-5, fp32 EP matches fp32 DP to float rounding: tests/train/test_expert_parallel.py).
+With pipelines (§3.2.2: EP spans the data-parallel ranks of a pipeline stage): pipeline d is ranks
+d·P .. d·P+P-1 (dsv3/train/pipeline_step.py); at each stage position i the EP groups are M consecutive
+members of that position's data-parallel group ({(g·M + k)·P + i : k < M}), the replica groups the same
+slice in its other EP groups. `ExpertStep` is built first (whole model, then the expert slices), then
+`PipelineStep(model, cfg, ep=...)` frees the other stages; the pipeline does the rest with this object's
+groups and maps (`g`, `expert_names`, `whole_optimizer` / `local_optimizer`, `pad_batches`): non-expert
+held grads averaged over the stage's dp group, expert slices over the replica group (both / dp), the
+clip norm summed over the pipeline (each parameter on its owner) and the expert part over the EP group,
+checkpoints gathered from pipelines 0..M-1 (which hold every stage and every slice) into one whole
+model + plain AdamW state + EMA, loads keeping each rank's stage parameters and slices. Collective order:
+every schedule's op list (F/B/W and DualPipe's F&B pairs, both directions) is a function of (schedule,
+P, stage position, num_chunks) and runs on one thread, and all pipelines run the same one on equally
+shaped micro-batches, so the members of an EP group run the same MoE layers' all-to-alls in the same
+order (W ops only do Linear weight grads, no collective); validation runs the stages in the same order
+on every pipeline, padded to the same number of batches. So 1F1B, DualPipe and DualPipeV all work
+(tests/train/test_pipeline.py: the EP group's members advance op by op together, like one rank of a
+single pipeline, whose schedule does not deadlock). Not tried on NCCL, where the all-to-all and the
+pipeline's P2P run on two communicators.
 Unsupported (ConfigError naming the key, from `check_config`, before any work; dsv3.launch.run_training
-checks too, before starting Ray): ep with pp > 1, ep not dividing parallel.dp or model.n_routed_experts,
-ranks != parallel.dp, a model without MoE layers. Not done: the paper's per-node de-duplicated dispatch
-and the overlapped (dual micro-batch) training path (see dsv3/parallel/expert.py).
+checks too, before starting Ray): ep not dividing parallel.dp or model.n_routed_experts, ranks !=
+parallel.dp × parallel.pp, a model without MoE layers. Not done: the paper's per-node de-duplicated
+dispatch and the overlapped (dual micro-batch) training path (see dsv3/parallel/expert.py).
 """
 
 from __future__ import annotations

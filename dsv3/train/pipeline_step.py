@@ -60,8 +60,17 @@ PP=2, 1F1B: 39% / 70% of the 132 MB on ranks 0 / 1; DualPipeV: 62% / 38%; PP=4 1
 `parallel.stage_bounds` evens them out). Transient whole-model copies remain at build time (every rank),
 at checkpoint time (global rank 0 assembles the model + AdamW state + EMA in CPU memory) and when loading
 a checkpoint (every rank reads the whole one into CPU memory).
-Not supported yet (clear errors): ep > 1 together with pp > 1, fp8 (its Linear layers cannot take the
-zero-bubble weight-grad split).
+- Expert parallelism (`parallel.ep` = M > 1, §3.2.2): `ExpertStep` (dsv3/train/expert_step.py) first
+  shards the routed experts over EP groups of M consecutive members of each stage position's
+  data-parallel group, then this class is built with `ep=` it: the held parameters are the stage's,
+  of its MoE layers only the E/M slice; grads of non-expert held parameters are averaged over the dp
+  group (as above), of expert slices over the replica group (the same slice in the other EP groups; the
+  all-to-all backward already summed the EP group's tokens), both /dp; the clip norm adds the expert
+  slices' norms² over the EP group; `full_state` gathers from pipelines 0..M-1 to rank 0 under the whole
+  model's names and optimizer order (ExpertStep.g / whole_optimizer), `load` keeps each rank's part;
+  validation is padded to the same number of batches on every pipeline (the MoE stages are collectives).
+  All schedules keep the EP group's all-to-alls in one order (see expert_step.py).
+Not supported yet (clear errors): fp8 (its Linear layers cannot take the zero-bubble weight-grad split).
 """
 
 from __future__ import annotations
