@@ -17,7 +17,8 @@ Design:
   forward over NVLink" de-duplication is not done here.
 - `shard_experts(model, group, ...)` swaps every DeepSeekMoE of a DeepSeekV3 for its EP layer in place
   (the other ranks' experts are dropped). Pretraining uses it with `parallel.ep > 1`:
-  dsv3/train/expert_step.py (EP groups of dp ranks, gradient sync, whole-model checkpoints).
+  dsv3/train/expert_step.py (EP groups of dp ranks, of each stage position's dp ranks when pp > 1;
+  gradient sync, whole-model checkpoints).
 - Autograd: `all_to_all` is a custom Function whose backward is the all-to-all with the splits swapped.
   Every rank must run the same backward all-to-alls, so a rank whose experts receive no row returns the
   (empty, differentiable) received rows, never a detached tensor (that cut the graph and deadlocked or
