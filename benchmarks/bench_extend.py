@@ -9,7 +9,7 @@ pretraining length L0 and then asks what the library's extension does beyond L0:
    intro, periodic filler, needle `7 8 <5 key ids> 9` at a uniform random depth, question,
    answer) mixed with "repeat" documents (a random span of k ids, 3 <= k < max(11, n/8),
    repeated to fill the document: a dense induction/copy signal, without which this small
-   model did not learn retrieval within a few thousand steps). Each document is exactly as long
+   model learned no retrieval in 1500 steps with sparser copy signals). Each document is exactly as long
    as the slot it fills and the slots tile every training window, so a window never cuts a
    document. Training keys/depths come from `numpy.random.default_rng(--seed + ...)`; the
    passkey probe draws its own (`passkey_grid(seed=0)`, depths on a fixed grid).
@@ -28,7 +28,7 @@ pretraining length L0 and then asks what the library's extension does beyond L0:
    token accuracy of the 5-id answer), and `loop.evaluate` gives its validation loss on
    held-out documents exactly L tokens long for each probe length L.
 
-    .venv/bin/python benchmarks/bench_extend.py                  # default, ~10 min on 2 cores
+    .venv/bin/python benchmarks/bench_extend.py   # default: 18 min on 2 cores shared with other jobs
     .venv/bin/python benchmarks/bench_extend.py --mlflow sqlite:///mlruns.db --out runs/bench_extend
 """
 
