@@ -21,6 +21,17 @@ Memory / precision (§3.3.1, §3.3.3):
 - Any in/out feature count works: partial 128 tiles are handled by the quantizers and
   the GEMM (no layer is skipped because of its shape).
 
+Zero-bubble pipelines (§3.2.1, `dsv3.parallel.pipeline`): while
+``WeightGradStore.enabled`` (a pipeline's input-grad B op), the backward computes Dgrad (and
+the bias grad, an FP32 sum of dy) at once, quantizes dy^T for Wgrad (the same ops as above,
+so the FP8 dy^T is what waits, not dy) and queues a closure that runs the rest of Wgrad
+(requantize the cached FP8 activation, the FP8 GEMM) and adds dW to ``weight.grad`` in the
+W op: the same values, bitwise, as the non-split backward. Otherwise (no pipeline) nothing
+changes. ``split_weight_grads`` leaves FP8Linear alone (``splits_weight_grad = True``), and
+``convert_to_fp8`` undoes its forward swap on a Linear split before conversion, so the
+order of conversion and pipeline split does not matter. The store is imported lazily in
+backward: dsv3.fp8 does not depend on dsv3.parallel at import time.
+
 ``convert_to_fp8(model, skip=...)`` swaps ``nn.Linear`` modules to ``FP8Linear`` in place by
 changing their class: same module objects, same parameter names and tensors, no copies.
 Modules whose qualified name, or the name of any enclosing module, matches a skip
@@ -69,6 +80,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
         ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.weight = weight  # the parameter (not a copy): a deferred Wgrad adds into its .grad
         ctx.meta = (block, backend, in_dtype, lead, bias is not None, weight.dtype,
                     bias.dtype if bias is not None else None)
         return y.to(in_dtype).reshape(*lead, wq.shape[0])
@@ -89,10 +101,29 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Wgrad: reduction over tokens -> 128x1 tiles for dy and x (1x128 on the transposes).
             dytq, dyts = quantize_act(dy2.t().contiguous(), block, backend)
-            xt = act_dequant(xq, xs, block).t().contiguous()
-            xtq, xts = quantize_act(xt, block, backend)
-            dw = fp8_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, block=block,
-                          backend=backend).to(w_dtype)
+
+            def wgrad():
+                xt = act_dequant(xq, xs, block).t().contiguous()
+                xtq, xts = quantize_act(xt, block, backend)
+                return fp8_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, block=block,
+                                backend=backend).to(w_dtype)
+
+            from dsv3.parallel.pipeline import WeightGradStore  # lazy: fp8 does not depend on parallel
+
+            if WeightGradStore.enabled:  # a zero-bubble B: Wgrad runs in the pipeline's W op
+                weight = ctx.weight
+
+                def deferred():
+                    with torch.autocast(dytq.device.type, enabled=False):
+                        g = wgrad()
+                    if weight.grad is None:
+                        weight.grad = g
+                    else:
+                        weight.grad += g
+
+                WeightGradStore.put(deferred)
+            else:
+                dw = wgrad()
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(b_dtype)
         return dx, dw, db, None, None
@@ -108,12 +139,14 @@ class FP8Linear(nn.Linear):
     """``nn.Linear`` with FP8 fine-grained-scaled GEMMs; FP32 master weight.
 
     ``fp8_backend``: None (automatic), "emulate" or "triton". ``fp8_enabled = False``
-    falls back to the plain ``nn.Linear`` computation (handy for A/B checks).
+    falls back to the plain ``nn.Linear`` computation (handy for A/B checks; in a pipeline its
+    weight grad is then computed in B, not deferred: same values, no zero-bubble split).
     """
 
     fp8_block: int = BLOCK
     fp8_backend: str | None = None
     fp8_enabled: bool = True
+    splits_weight_grad = True  # defers its own Wgrad under WeightGradStore (split_weight_grads skips it)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype=None, backend: str | None = None, block: int = BLOCK):
@@ -152,6 +185,8 @@ def convert_to_fp8(model: nn.Module, skip: Iterable[str] | None = DEFAULT_SKIP, 
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or not name or _skipped(name, patterns):
             continue
+        if getattr(mod, "_dsv3_split", False):  # split_weight_grads ran first: FP8Linear splits itself
+            del mod.forward, mod._dsv3_split
         mod.__class__ = FP8Linear
         mod.fp8_block = block
         mod.fp8_backend = backend

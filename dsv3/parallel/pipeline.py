@@ -6,7 +6,9 @@ Design:
 - Zero bubble: the backward of every `nn.Linear` in the stage modules is split (its forward is swapped
   for `_SplitLinear`, numerically `F.linear`). B runs autograd as usual but, while `WeightGradStore.enabled`,
   each Linear returns only its input grad and queues the closure `dW += g^T x, db += sum g`; a W op pops
-  one chunk's closures and runs them. Parameters outside Linear layers get their grads in B. The grads
+  one chunk's closures and runs them. `dsv3.fp8.FP8Linear` does the same split in its own backward (FP8
+  Dgrad in B, the FP8 Wgrad closure queued; `split_weight_grads` leaves it alone), so fp8 models keep their
+  FP8 GEMMs in a pipeline. Parameters outside Linear layers get their grads in B. The grads
   are the same sums as autograd's, so they match the sequential reference to rounding (exactly the
   same math, only `.grad` accumulation order may differ).
 - P2P: `isend`/`irecv` (gloo on CPU, NCCL on GPU) into buffers shaped by `set_p2p_tensor_shapes` /
@@ -73,6 +75,9 @@ class WeightGradStore:
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    """p.grad += g as autograd would: a grad computed under bf16 autocast is cast to the parameter's dtype
+    first (autograd casts a Function's returned grads to the input's dtype; a deferred W op must too)."""
+    g = g.to(p.dtype)
     if p.grad is None:
         p.grad = g
     else:
@@ -115,9 +120,12 @@ def _split_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def split_weight_grads(module: nn.Module) -> nn.Module:
-    """Make every nn.Linear in `module` defer its weight grad while WeightGradStore.enabled."""
+    """Make every nn.Linear in `module` defer its weight grad while WeightGradStore.enabled. A Linear class
+    with `splits_weight_grad = True` (dsv3.fp8.FP8Linear: its Wgrad is an FP8 GEMM) defers its own and is
+    left as it is."""
     for m in module.modules():
-        if isinstance(m, nn.Linear) and not getattr(m, "_dsv3_split", False):
+        if isinstance(m, nn.Linear) and not getattr(m, "_dsv3_split", False) \
+                and not getattr(m, "splits_weight_grad", False):
             m.forward = types.MethodType(_split_linear_forward, m)
             m._dsv3_split = True
     return module

@@ -169,3 +169,46 @@ def test_short_training_fp8_tracks_bf16():
     assert last < 0.8 * first  # it learned something
     last8 = sum(losses["fp8"][-10:]) / 10
     assert abs(last8 - last) / last < 0.03, (last8, last)
+
+
+def test_zero_bubble_split_defers_fp8_wgrad_bitwise():
+    """Under WeightGradStore.enabled (a pipeline's B op) an FP8Linear returns Dgrad (and the bias grad) at
+    once and queues its FP8 Wgrad; after the W op the weight grads equal the plain FP8 backward's bitwise,
+    two micro-batches accumulated. split_weight_grads keeps the FP8 layers (it must not swap their forward
+    for the fp32 split Linear), also when the model was split before its conversion to FP8."""
+    import copy
+
+    from dsv3.parallel.pipeline import WeightGradStore, split_weight_grads
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(200, 136), nn.GELU(), nn.Linear(136, 72, bias=False))
+    late = split_weight_grads(copy.deepcopy(ref))  # split first, converted after
+    assert convert_to_fp8(ref, skip=()) == ["0", "2"] and convert_to_fp8(late, skip=()) == ["0", "2"]
+    mod = split_weight_grads(copy.deepcopy(ref))
+    assert "forward" not in vars(mod[0]) and "forward" not in vars(late[0])  # FP8Linear.forward, not a swap
+    xs = [torch.randn(2, 37, 200, dtype=torch.bfloat16) for _ in range(2)]
+    gs = [torch.randn(2, 37, 72, dtype=torch.bfloat16) for _ in range(2)]
+    ref_dx = []
+    for x, g in zip(xs, gs):  # the plain FP8 backward, accumulating
+        x = x.clone().requires_grad_()
+        ref(x).backward(g)
+        ref_dx.append(x.grad)
+    for m in (mod, late):
+        WeightGradStore.clear()
+        for i, (x, g) in enumerate(zip(xs, gs)):  # two B ops (one chunk each), then their two W ops
+            x = x.clone().requires_grad_()
+            WeightGradStore.enabled = True
+            try:
+                m(x).backward(g)
+            finally:
+                WeightGradStore.enabled = False
+            WeightGradStore.flush()
+            assert torch.equal(x.grad, ref_dx[i])  # Dgrad in B, bitwise
+            assert m[0].weight.grad is None and m[2].weight.grad is None  # Wgrad deferred
+            assert m[0].bias.grad is not None  # the bias grad (an fp32 sum of dy) comes in B
+        WeightGradStore.pop()
+        assert m[0].weight.grad is not None and len(WeightGradStore.queue) == 1
+        WeightGradStore.pop()
+        assert not WeightGradStore.queue
+        for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad), n

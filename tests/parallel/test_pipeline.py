@@ -143,3 +143,28 @@ def test_weight_grad_split_is_exact_and_deferred():
     for p, q in zip(mod.parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     assert not WeightGradStore.queue
+
+
+def test_deferred_weight_grad_under_bf16_autocast_is_cast_like_autograd():
+    """Under bf16 autocast (train.precision bf16 / fp8: the Linears left in high precision) a split Linear's
+    deferred weight grad is computed in bf16; the W op casts it to the fp32 parameter's dtype, as autograd
+    does with a Function's returned grad, so split and plain grads are equal."""
+    torch.manual_seed(0)
+    ref = make_stages(1)[0]
+    mod = split_weight_grads(copy.deepcopy(ref))
+    x = torch.randn(4, DIM)
+    for m, zb in ((ref, False), (mod, True)):
+        WeightGradStore.clear()
+        WeightGradStore.enabled = zb
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                m(x).float().square().sum().backward()
+        finally:
+            WeightGradStore.enabled = False
+        if zb:
+            WeightGradStore.flush()
+            assert mod[0].weight.grad is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the pipeline's W ops run in the step's autocast
+                WeightGradStore.pop()
+    for (n, p), q in zip(mod.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad), n
