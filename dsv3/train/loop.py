@@ -13,7 +13,9 @@ Design choices
   update with the expert load all-reduced over ranks (§2.1.2); then the CPU EMA copy.
 - Precision (§3.3): fp32 master weights always; `bf16` autocasts the GEMMs; `fp8` swaps
   the Linear layers for `dsv3.fp8` FP8 Linears (embedding, head, gate, norms and the
-  attention core stay in higher precision) and autocasts the rest to bf16.
+  attention core stay in higher precision) and autocasts the rest to bf16. The swap is done in
+  `build_model`, before expert sharding and the pipeline split; in a zero-bubble pipeline each FP8
+  Linear defers its own FP8 Wgrad to the W ops (dsv3/fp8/linear.py).
 - Failure handling: a non-finite loss/grad norm or a loss spike (> spike_factor × the
   running mean, after 20 good steps) skips the update and is counted
   (`train/skipped_steps`); `max_bad_steps` consecutive ones roll back to the latest
