@@ -108,18 +108,14 @@ class _FP8LinearFn(torch.autograd.Function):
                 return fp8_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, block=block,
                                 backend=backend).to(w_dtype)
 
-            from dsv3.parallel.pipeline import WeightGradStore  # lazy: fp8 does not depend on parallel
+            from dsv3.parallel.pipeline import WeightGradStore, accumulate_grad  # lazy: no import-time dependency
 
             if WeightGradStore.enabled:  # a zero-bubble B: Wgrad runs in the pipeline's W op
                 weight = ctx.weight
 
                 def deferred():
                     with torch.autocast(dytq.device.type, enabled=False):
-                        g = wgrad()
-                    if weight.grad is None:
-                        weight.grad = g
-                    else:
-                        weight.grad += g
+                        accumulate_grad(weight, wgrad())
 
                 WeightGradStore.put(deferred)
             else:

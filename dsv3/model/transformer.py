@@ -222,13 +222,13 @@ class DeepSeekV3(nn.Module):
         cache.valid[:, start:end] = new_valid
         valid = cache.valid[:, :end]
         pos = positions_from_mask(valid)[:, start:end]
-        q_slot = torch.arange(start, end, device=input_ids.device)
-        k_slot = torch.arange(end, device=input_ids.device)
-        mask = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
-        mask |= (k_slot[None, :] == q_slot[:, None])[None]
-        mask = mask[:, None]  # [B,1,S,T]
-        if S == 1 and attention_mask is None and bool(valid.all()):
-            mask = None  # one query at the newest slot of an unpadded cache sees every key
+        mask = None  # one query at the newest slot of an unpadded cache sees every key: no mask to build
+        if S > 1 or attention_mask is not None or not bool(valid.all()):
+            q_slot = torch.arange(start, end, device=input_ids.device)
+            k_slot = torch.arange(end, device=input_ids.device)
+            mask = (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
+            mask |= (k_slot[None, :] == q_slot[:, None])[None]
+            mask = mask[:, None]  # [B,1,S,T]
         rope = self.rotary(pos)
         h = self.embed_tokens(input_ids)
         for layer, lc in zip(self.layers, cache.layers):

@@ -74,7 +74,7 @@ class WeightGradStore:
         cls.queue.clear()
 
 
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     """p.grad += g as autograd would: a grad computed under bf16 autocast is cast to the parameter's dtype
     first (autograd casts a Function's returned grads to the input's dtype; a deferred W op must too)."""
     g = g.to(p.dtype)
@@ -106,9 +106,9 @@ class _SplitLinear(torch.autograd.Function):
             def deferred():
                 gw, gb = wgrad()
                 if gw is not None:
-                    _accumulate(lin.weight, gw)
+                    accumulate_grad(lin.weight, gw)
                 if gb is not None:
-                    _accumulate(lin.bias, gb)
+                    accumulate_grad(lin.bias, gb)
             WeightGradStore.put(deferred)
             return gx, None, None, None
         gw, gb = wgrad()

@@ -163,20 +163,40 @@ def load_model_weights(model, model_dir: str | Path, strict: bool = True) -> Non
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def load(ckpt: str | Path, model, optimizer=None, ema=None) -> dict[str, Any]:
-    """Restore everything into live objects; returns state.json (step, data position, ...)."""
+def load(ckpt: str | Path, model, optimizer=None, ema=None, part=None) -> dict[str, Any]:
+    """Restore everything into live objects; returns state.json (step, data position, ...).
+    `part`: a sharded layout (dsv3.train.expert_step.ExpertStep, dsv3.train.pipeline_step.PipelineStep) whose
+    `load_weights(model, whole_state_dict)`, `local_optimizer_state(optimizer, whole_state_dict)` and
+    `local_ema_state(ema, whole_ema)` keep this rank's part of the whole checkpoint (which every rank reads)."""
     d = Path(ckpt)
     verify(d)
-    load_model_weights(model, d / "model")
+    if part is None:
+        load_model_weights(model, d / "model")
+    else:
+        with torch.no_grad():
+            part.load_weights(model, type(model).from_pretrained(d / "model").state_dict())
     extra = load_file(d / "extra.safetensors")
     if "routing_biases" in extra and extra["routing_biases"].numel():
-        for m, b in zip(model.moe_layers(), extra["routing_biases"]):
-            m.gate.e_score_correction_bias.copy_(b)
+        with torch.no_grad():
+            for m, b in zip(model.moe_layers(), extra["routing_biases"]):
+                m.gate.e_score_correction_bias.copy_(b)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu"))
+        full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(full if part is None else part.local_optimizer_state(optimizer, full))
     if ema is not None and (d / "ema.safetensors").is_file():
-        ema.load_state_dict(load_file(d / "ema.safetensors"))
+        e = load_file(d / "ema.safetensors")
+        ema.load_state_dict(e if part is None else part.local_ema_state(ema, e))
     torch.set_rng_state(extra["rng_cpu"])
     if "rng_cuda" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng_cuda"])
     return json.loads((d / "state.json").read_text())
+
+
+class StateDict:
+    """What `save` needs of an optimizer / EMA: `state_dict()` (for states assembled from several ranks)."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd

@@ -28,8 +28,8 @@ Design (§3.2.2: attention and the dense parts data-parallel, routed experts sha
 - Checkpoints stay one whole model: `full_state(opt, ema)` (a collective) gathers the expert slices, their
   AdamW state and their EMA to rank 0 of EP group 0 (global rank 0), which assembles a whole
   `DeepSeekV3`, the optimizer state_dict a plain run would save (same parameter order) and the EMA dict;
-  `checkpoint.save` writes them unchanged. `load(ckpt, model, opt, ema)` is `checkpoint.load` for a
-  sharded model: each rank reads the whole checkpoint and keeps its slice (resume and rollback).
+  `checkpoint.save` writes them unchanged. `checkpoint.load(ckpt, model, opt, ema, part=self)` loads a
+  whole checkpoint into the sharded model: each rank reads it and keeps its slice (resume and rollback).
   Evaluation, HF export, EMA evaluation and `init_from` (applied before sharding) work unchanged.
 - Evaluation: an EP forward is a collective, so every rank runs the same number of validation
   forwards (`pad_batches`); the padding batches are not counted.
@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ConfigError
+from dsv3.train.checkpoint import StateDict
 
 
 def check_config(cfg, world: int) -> None:
@@ -92,7 +93,6 @@ class ExpertStep:
 
     def __init__(self, model, cfg):
         from dsv3.parallel.expert import ExpertParallelMoE, shard_experts
-        from dsv3.train.optim import param_groups
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_config(cfg, self.world)
@@ -113,8 +113,7 @@ class ExpertStep:
                 if self.rank in ranks:
                     self.rep_group, self.n_rep = pg, len(ranks)
         # the whole model's optimizer order (names), as a plain run's AdamW sees it
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        self.full_groups = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+        self.full_groups = _groups(model)
         shard_experts(model, self.ep_group, cfg.parallel.ep_ranks_per_node, cfg.parallel.max_nodes)
         self.glob: dict[str, str] = {}  # local parameter / buffer name -> name in the whole model
         self.expert_names: set[str] = set()  # local names of this rank's routed-expert parameters
@@ -231,8 +230,8 @@ class ExpertStep:
         if ema is not None:
             e = {self.g(n): v for n, v in ema_sd.items() if n not in self.expert_names}
             e.update(got["e"])
-            full_ema = _StateDict(e)
-        return whole, _StateDict(full_opt), full_ema
+            full_ema = StateDict(e)
+        return whole, StateDict(full_opt), full_ema
 
     def whole_optimizer(self, param_groups: list, state: dict) -> dict:
         """The optimizer state_dict a plain run saves: `param_groups` (this rank's hyperparameters, same groups)
@@ -259,34 +258,16 @@ class ExpertStep:
             start += len(names)
         return {"state": local, "param_groups": groups}
 
-    def load(self, ckpt_dir, model, opt=None, ema=None) -> dict:
-        """`checkpoint.load` for the sharded model: every rank reads the whole checkpoint, keeps its slice."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        from dsv3.train import checkpoint as ckpt
-
-        d = Path(ckpt_dir)
-        ckpt.verify(d)
-        whole = type(model).from_pretrained(d / "model").state_dict()
+    # ---------- loading a whole checkpoint (checkpoint.load(..., part=self): resume, rollback) ----------
+    def load_weights(self, model, whole: dict) -> None:
+        """This rank's slice of the whole model's state_dict (strict: every local name must be there)."""
         model.load_state_dict({n: whole[self.g(n)] for n in model.state_dict()})
-        extra = load_file(d / "extra.safetensors")
-        if "routing_biases" in extra and extra["routing_biases"].numel():
-            with torch.no_grad():
-                for m, b in zip(model.moe_layers(), extra["routing_biases"]):
-                    m.gate.e_score_correction_bias.copy_(b)
-        if opt is not None:
-            full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
-            opt.load_state_dict(self.local_optimizer(full, _groups(model)))
-        if ema is not None and (d / "ema.safetensors").is_file():
-            e = load_file(d / "ema.safetensors")
-            ema.load_state_dict({n: e[self.g(n)] for n in ema.names})
-        torch.set_rng_state(extra["rng_cpu"])
-        if "rng_cuda" in extra and torch.cuda.is_available():
-            torch.cuda.set_rng_state(extra["rng_cuda"])
-        return json.loads((d / "state.json").read_text())
+
+    def local_optimizer_state(self, opt, full: dict) -> dict:
+        return self.local_optimizer(full, _groups(self.model))
+
+    def local_ema_state(self, ema, whole: dict) -> dict:
+        return {n: whole[self.g(n)] for n in ema.names}
 
 
 def _groups(model) -> list[list[str]]:
@@ -295,13 +276,3 @@ def _groups(model) -> list[list[str]]:
 
     name_of = {id(p): n for n, p in model.named_parameters()}
     return [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
-
-
-class _StateDict:
-    """What checkpoint.save needs of an optimizer / EMA: `state_dict()`."""
-
-    def __init__(self, sd: dict):
-        self.sd = sd
-
-    def state_dict(self) -> dict:
-        return self.sd

@@ -227,7 +227,8 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
         from dsv3.train.pipeline_step import PipelineStep
 
         pipe = PipelineStep(model, cfg, ep=ep)  # frees the other ranks' stages in place: before the optimizer and EMA
-    load_ckpt = pipe.load if pipe is not None else ep.load if ep is not None else ckpt.load
+    def load_ckpt(c, model, opt, ema):  # each rank keeps its part of the whole checkpoint
+        return ckpt.load(c, model, opt, ema, part=pipe or ep)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = (pipe or ep).n_params if ep or pipe else sum(p.numel() for p in params)  # the whole model's

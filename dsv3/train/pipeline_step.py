@@ -46,8 +46,8 @@ Design:
   owner (the lowest rank of pipeline 0 holding it), its weight, AdamW state and EMA to global rank 0, which
   builds a whole `DeepSeekV3` (plus the buffers), the optimizer state_dict of the plain run (same
   parameter order) and the whole EMA dict; `checkpoint.save` and the HF export `final/` are unchanged.
-  `load(ckpt, model, opt, ema)` is `checkpoint.load` for the split model (resume and rollback): every
-  rank reads the whole checkpoint and keeps its part.
+  `checkpoint.load(ckpt, model, opt, ema, part=self)` loads a whole checkpoint into the split model
+  (resume and rollback): every rank reads it and keeps its part.
 - Validation (`evaluate`): the windows of the pipeline's data shard go through the stages in order, one
   batch at a time, hidden states sent point-to-point (stage s on the lowest rank holding it); no schedule,
   so evaluation has a (PP-1)/PP bubble but needs no weights beyond a rank's own stages. With the same
@@ -67,8 +67,8 @@ a checkpoint (every rank reads the whole one into CPU memory).
   group (as above), of expert slices over the replica group (the same slice in the other EP groups; the
   all-to-all backward already summed the EP group's tokens), both /dp; the clip norm adds the expert
   slices' norms² over the EP group; `full_state` gathers from pipelines 0..M-1 to rank 0 under the whole
-  model's names and optimizer order (ExpertStep.g / whole_optimizer), `load` keeps each rank's part;
-  validation is padded to the same number of batches on every pipeline (the MoE stages are collectives).
+  model's names and optimizer order (ExpertStep.g / whole_optimizer), `checkpoint.load(..., part=self)`
+  keeps each rank's part; validation is padded to the same number of batches on every pipeline (the MoE stages are collectives).
   All schedules keep the EP group's all-to-alls in one order (see expert_step.py).
 - FP8 (`train.precision=fp8`, §3.3): `build_model` swaps the Linear layers for `dsv3.fp8.FP8Linear` before
   the pipeline is built; each FP8Linear takes part in the zero-bubble split itself (FP8 Dgrad in B, its FP8
@@ -86,6 +86,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ConfigError
+from dsv3.train.checkpoint import StateDict
 
 
 def check_config(cfg, world: int) -> None:
@@ -403,52 +404,34 @@ class PipelineStep:
             index = {n: k for k, n in enumerate(names)}
             full_opt = {"state": {index[n]: st for n, st in sorted(o.items(), key=lambda kv: index[kv[0]])},
                         "param_groups": sd["param_groups"]}
-        return whole, _StateDict(full_opt), (_StateDict(e) if ema is not None else None)
+        return whole, StateDict(full_opt), (StateDict(e) if ema is not None else None)
 
-    @torch.no_grad()
-    def load(self, ckpt_dir, model, opt=None, ema=None) -> dict:
-        """`checkpoint.load` for the split model (resume and rollback): every rank reads the whole checkpoint
-        (one whole model in CPU memory, transiently) and keeps the weights, AdamW state and EMA of the
-        parameters it holds; buffers (routing biases) are taken whole."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        from dsv3.train import checkpoint as ckpt
-
-        d = Path(ckpt_dir)
-        ckpt.verify(d)
-        whole = type(model).from_pretrained(d / "model").state_dict()
-        held = {self.names[i] for i in self.held}
-        g = self.ep.g if self.ep is not None else (lambda n: n)  # local -> whole-model names
-        for n, gn, p in zip(self.names, self.gnames, self.params):
-            if n in held:
+    # ---------- loading a whole checkpoint (checkpoint.load(..., part=self): resume, rollback) ----------
+    def load_weights(self, model, whole: dict) -> None:
+        """Keep the held parameters of the whole model's state_dict (every rank reads the whole checkpoint,
+        one whole model in CPU memory, transiently); buffers (routing biases) are taken whole."""
+        for i, (gn, p) in enumerate(zip(self.gnames, self.params)):
+            if i in self.held:
                 p.copy_(whole[gn])
+        g = self.ep.g if self.ep is not None else (lambda n: n)  # local -> whole-model names
         for n, b in model.named_buffers():
             if g(n) in whole:
                 b.copy_(whole[g(n)])
-        del whole
-        extra = load_file(d / "extra.safetensors")
-        if "routing_biases" in extra and extra["routing_biases"].numel():
-            for m, b in zip(model.moe_layers(), extra["routing_biases"]):
-                m.gate.e_score_correction_bias.copy_(b)
-        if opt is not None:
-            full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
-            names = self._opt_names(opt)
-            if self.ep is not None:  # whole-model indices -> this rank's (its expert slices only)
-                local = [[names[k] for k in pg["params"]] for pg in opt.state_dict()["param_groups"]]
-                opt.load_state_dict(self.ep.local_optimizer(full, local, keep=held.__contains__))
-            else:
-                opt.load_state_dict({"state": {k: st for k, st in full["state"].items() if names[k] in held},
-                                     "param_groups": full["param_groups"]})
-        if ema is not None and (d / "ema.safetensors").is_file():
-            e = load_file(d / "ema.safetensors")
-            ema.load_state_dict({n: (e[g(n)] if n in held else t) for n, t in ema.state_dict().items()})
-        torch.set_rng_state(extra["rng_cpu"])
-        if "rng_cuda" in extra and torch.cuda.is_available():
-            torch.cuda.set_rng_state(extra["rng_cuda"])
-        return json.loads((d / "state.json").read_text())
+
+    def local_optimizer_state(self, opt, full: dict) -> dict:
+        """The AdamW state of the held parameters, at this rank's optimizer indices."""
+        held = {self.names[i] for i in self.held}
+        names = self._opt_names(opt)
+        if self.ep is not None:  # whole-model indices -> this rank's (its expert slices only)
+            local = [[names[k] for k in pg["params"]] for pg in opt.state_dict()["param_groups"]]
+            return self.ep.local_optimizer(full, local, keep=held.__contains__)
+        return {"state": {k: st for k, st in full["state"].items() if names[k] in held},
+                "param_groups": full["param_groups"]}
+
+    def local_ema_state(self, ema, whole: dict) -> dict:
+        held = {self.names[i] for i in self.held}
+        g = self.ep.g if self.ep is not None else (lambda n: n)
+        return {n: (whole[g(n)] if n in held else t) for n, t in ema.state_dict().items()}
 
     # ---------- bubbles ----------
     def bubble_metrics(self) -> dict:
@@ -479,13 +462,3 @@ class PipelineStep:
         if not self.timelines:
             return None
         return gantt(self.timelines, str(path), f"{self.kind} PP={self.pp}, {self.chunks} chunks (last step)")
-
-
-class _StateDict:
-    """What checkpoint.save needs of an optimizer / EMA: `state_dict()`."""
-
-    def __init__(self, sd: dict):
-        self.sd = sd
-
-    def state_dict(self) -> dict:
-        return self.sd
