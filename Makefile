@@ -12,7 +12,7 @@ CONFIG ?= configs/pretrain_small.yaml
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install torch (CPU) + dsv3 with dev extras
+sysdeps: ## install the Debian packages in infra/apt-packages.txt (root) or list the missing ones
+	bash infra/sysdeps.sh
 
-test: $(STAMP) ## run the whole test suite (does its own set-up)
+install: sysdeps $(STAMP) ## create .venv and install torch (CPU) + dsv3 with dev extras
+
+test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
