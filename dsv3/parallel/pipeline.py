@@ -184,13 +184,12 @@ class PipelineSchedule(nn.Module):
     def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None):
         super().__init__()
         want = 1 if self.kind == "1f1b" else 2
-        if isinstance(modules, (tuple, list)) or (want == 2 and isinstance(modules, (nn.Sequential, nn.ModuleList))):
-            modules = tuple(modules)  # the reference passes nn.Sequential(stage_a, stage_b)
-        else:
-            modules = (modules,)
+        # the reference passes nn.Sequential(stage_a, stage_b); 1F1B takes one module (a Sequential too)
+        pair = want == 2 and isinstance(modules, (nn.Sequential, nn.ModuleList))
+        modules = tuple(modules) if pair or isinstance(modules, (tuple, list)) else (modules,)
         if len(modules) != want:
-            raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank"
-                             f"{' (a tuple, list or nn.Sequential of the two)' if want == 2 else ''}, got {len(modules)}")
+            how = " (a tuple, list or nn.Sequential of the two)" if want == 2 else ""
+            raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank{how}, got {len(modules)}")
         self.module = nn.ModuleList(split_weight_grads(m) for m in modules)
         # the reference's hook: F&B pairs go through the stage class's own overlapped forward-backward
         self.overlapped_forward_backward = want == 2 and type(modules[0]) is type(modules[1]) \
