@@ -12,20 +12,30 @@ Design:
   are the same sums as autograd's, so they match the sequential reference to rounding (exactly the
   same math, only `.grad` accumulation order may differ).
 - P2P: `isend`/`irecv` (gloo on CPU, NCCL on GPU) into buffers shaped by `set_p2p_tensor_shapes` /
-  `set_p2p_tensor_dtype`; tags separate activations from gradients and the two directions (gloo matches
-  per tag; NCCL ignores tags, so on NCCL a step checks by simulation that every rank pair's messages
-  come in the expected order, and refuses otherwise). After each op, its sends and the next op's
-  receives are posted as one `batch_isend_irecv` (as the reference commits its comms), so transfers
-  overlap the next compute and a send/recv pair between two ranks cannot block each other. DualPipeV's hand-over at the last rank is a local queue, not a message.
-- An F&B pair runs the forward then the backward with both chunks' receives posted ahead and sends
-  issued at once; interleaving the two chunks' compute with their all-to-all (§3.2.2) is the model's
-  job (see `expert.py`), not done here.
-- Every op is timed (F, B, Bi = zero-bubble input-grad B, W, FB, and `wait` = blocked on a receive) into `self.timeline`
-  (see `bubble.py`); forward-only steps (under `torch.no_grad`) run the F ops of the same order.
-- `step(*inputs, num_chunks, criterion, labels, return_outputs) -> (loss, outputs)`: the reference
-  interface. DualPipe: the first rank feeds the first half of the batch and computes the loss of the
-  second half (its `labels` belong to the last rank's inputs), the last rank the other way round.
-  DualPipeV / 1F1B: the first rank gets inputs; the loss is on the first (V) / last (1F1B) rank.
+  `set_p2p_tensor_dtype` (module-level functions as in the reference: the default for every schedule;
+  the methods of the same name set one schedule's own, which wins); tags separate activations from
+  gradients and the two directions (gloo matches per tag; NCCL ignores tags, so on NCCL a step checks by
+  simulation that every rank pair's messages come in the expected order, and refuses otherwise). After
+  each op, its sends and the next op's receives are posted as one `batch_isend_irecv` (as the reference
+  commits its comms), so transfers overlap the next compute and a send/recv pair between two ranks
+  cannot block each other. DualPipeV's hand-over at the last rank is a local queue, not a message.
+- An F&B pair runs the forward then the backward with both chunks' receives posted ahead and sends issued
+  at once. Interleaving the two chunks' compute with their all-to-all (§3.2.2) is the stage's job: as in
+  the reference, when both stage modules are of one class with a classmethod
+  `overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+  output_grads1) -> (outputs0, loss0)`, a training step's F&B pairs call it instead.
+- Every op is timed (F, B, Bi = zero-bubble input-grad B, W, FB, and `wait` = blocked on a receive) into
+  `self.timeline` (see `bubble.py`); forward-only steps (under `torch.no_grad`) run the F ops in order.
+- The reference calling convention (github.com/deepseek-ai/DualPipe) works unchanged apart from the
+  import: `DualPipe(nn.Sequential(stage_a, stage_b))` (or a tuple/list), `batch_dim`, `process_group`,
+  `rank_mapping` (process-group rank -> pipeline rank); `step(*inputs, num_chunks, criterion, labels,
+  return_outputs) -> (loss, outputs)`; ranks that neither feed nor finish a pipe may pass anything
+  (the reference passes `step(None, ..., labels=(None,))`) and get (None, None); outputs are None unless
+  return_outputs. `run_backward` / `WeightGradStore` serve stage code that splits its own weight grads
+  (a Linear subclass with its own forward is left alone). DualPipe: the first rank feeds the first half
+  of the batch and computes the loss of the second half (its `labels` belong to the last rank's
+  inputs), the last rank the other way round. DualPipeV / 1F1B: the first rank gets inputs; the loss is
+  on the first (V) / last (1F1B) rank.
 - DualPipe keeps two copies of every stage (ranks r and PP-1-r); `DualPipe.sync_grads()` sums their
   grads after a step (before the optimizer), as the report's "two copies of the parameters" require.
 """
@@ -84,6 +94,25 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad += g
 
 
+def run_backward(tensors, grad_tensors) -> None:
+    """Backward from `tensors` with `grad_tensors`, accumulating into .grad (the reference's helper, for
+    stage code such as an `overlapped_forward_backward` hook)."""
+    torch.autograd.backward(tuple(tensors), tuple(grad_tensors))
+
+
+_P2P: dict = {"shapes": None, "dtype": None}  # defaults for every schedule (the reference's globals)
+
+
+def set_p2p_tensor_shapes(shapes) -> None:
+    """Default shapes of the tensors passed between stages, per micro-batch (a list of shapes)."""
+    _P2P["shapes"] = [tuple(s) for s in shapes]
+
+
+def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
+    """Default dtype of the tensors passed between stages."""
+    _P2P["dtype"] = dtype
+
+
 class _SplitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, holder):
@@ -122,10 +151,11 @@ def _split_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def split_weight_grads(module: nn.Module) -> nn.Module:
     """Make every nn.Linear in `module` defer its weight grad while WeightGradStore.enabled. A Linear class
     with `splits_weight_grad = True` (dsv3.fp8.FP8Linear: its Wgrad is an FP8 GEMM) defers its own and is
-    left as it is."""
+    left as it is, and so is a Linear subclass with its own forward (stage code written for the reference
+    DualPipe splits its weight grads itself through `WeightGradStore`)."""
     for m in module.modules():
         if isinstance(m, nn.Linear) and not getattr(m, "_dsv3_split", False) \
-                and not getattr(m, "splits_weight_grad", False):
+                and not getattr(m, "splits_weight_grad", False) and type(m).forward is nn.Linear.forward:
             m.forward = types.MethodType(_split_linear_forward, m)
             m._dsv3_split = True
     return module
@@ -136,12 +166,13 @@ def _as_tuple(x) -> tuple:
 
 
 def _scatter(tensors, n: int, dim: int) -> list:
+    """n micro-batches (tuples) of `tensors` split along `dim`; a None stays None in every micro-batch."""
     if not tensors:
         return [() for _ in range(n)]
     for t in tensors:
-        if t.shape[dim] % n:
+        if t is not None and t.shape[dim] % n:
             raise ValueError(f"batch dim {dim} of size {t.shape[dim]} is not divisible into {n} chunks")
-    parts = [t.chunk(n, dim) for t in tensors]
+    parts = [(None,) * n if t is None else t.chunk(n, dim) for t in tensors]
     return [tuple(p[i] for p in parts) for i in range(n)]
 
 
@@ -152,8 +183,17 @@ class PipelineSchedule(nn.Module):
 
     def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None):
         super().__init__()
-        modules = tuple(modules) if isinstance(modules, (tuple, list)) else (modules,)
+        want = 1 if self.kind == "1f1b" else 2
+        # the reference passes nn.Sequential(stage_a, stage_b); 1F1B takes one module (a Sequential too)
+        pair = want == 2 and isinstance(modules, (nn.Sequential, nn.ModuleList))
+        modules = tuple(modules) if pair or isinstance(modules, (tuple, list)) else (modules,)
+        if len(modules) != want:
+            how = " (a tuple, list or nn.Sequential of the two)" if want == 2 else ""
+            raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank{how}, got {len(modules)}")
         self.module = nn.ModuleList(split_weight_grads(m) for m in modules)
+        # the reference's hook: F&B pairs go through the stage class's own overlapped forward-backward
+        self.overlapped_forward_backward = want == 2 and type(modules[0]) is type(modules[1]) \
+            and hasattr(type(modules[0]), "overlapped_forward_backward")
         self.batch_dim = batch_dim
         self.group = process_group or dist.group.WORLD
         self.num_ranks = dist.get_world_size(self.group)
@@ -163,13 +203,11 @@ class PipelineSchedule(nn.Module):
         if sorted(mapping) != list(range(self.num_ranks)):
             raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1}, got {mapping}")
         self.rank = mapping[dist.get_rank(self.group)]
+        self.is_first_rank, self.is_last_rank = self.rank == 0, self.rank == self.num_ranks - 1
         inverse = {pp: g for g, pp in enumerate(mapping)}
         self._global = {pp: dist.get_global_rank(self.group, g) if self.group is not dist.group.WORLD else g
                         for pp, g in inverse.items()}
         self.prev, self.next = schedules.topology(self.kind, self.num_ranks, self.rank)
-        want = len(self.prev)
-        if len(self.module) != want:
-            raise ValueError(f"{type(self).__name__} takes {want} stage module(s) per rank, got {len(self.module)}")
         self.shapes, self.dtype = None, None
         self.timeline: list = []
         self._nccl_ok: set = set()
@@ -177,10 +215,12 @@ class PipelineSchedule(nn.Module):
         self._device = params[0].device if params else torch.device("cpu")
 
     def set_p2p_tensor_shapes(self, shapes) -> None:
-        """Shapes of the tensors passed between stages, per micro-batch (a list of shapes)."""
+        """This schedule's shapes of the tensors passed between stages, per micro-batch (a list of shapes);
+        wins over the module-level `set_p2p_tensor_shapes`."""
         self.shapes = [tuple(s) for s in shapes]
 
     def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """This schedule's P2P dtype; wins over the module-level `set_p2p_tensor_dtype`."""
         self.dtype = dtype
 
     # ---------- communication ----------
@@ -192,7 +232,7 @@ class PipelineSchedule(nn.Module):
         src = self.prev[d] if kind == "F" else self.next[d]
         if src is None or src[0] == self.rank:
             return None
-        bufs = [torch.empty(s, dtype=self.dtype, device=self._device) for s in self.shapes]
+        bufs = [torch.empty(s, dtype=self._p2p_dtype, device=self._device) for s in self._p2p_shapes]
         return bufs, [dist.P2POp(dist.irecv, b, self._global[src[0]], self.group, self._tag(kind, d)) for b in bufs]
 
     def _commit(self, ops: list, upto: int) -> None:
@@ -242,7 +282,7 @@ class PipelineSchedule(nn.Module):
             self._local[(kind, dd)].append(tensors)
             return
         for t in tensors:
-            t = t.to(self.dtype).contiguous()
+            t = t.to(self._p2p_dtype).contiguous()
             self._outbox.append(dist.P2POp(dist.isend, t, self._global[dst[0]], self.group, self._tag(kind, dd)))
 
     def _event(self, name: str, d: int, t0: float, op_index: int) -> None:
@@ -255,47 +295,73 @@ class PipelineSchedule(nn.Module):
             self._event(self._seg[0], self._seg[1], self._seg_t0, self._seg[2])
 
     # ---------- compute ----------
-    def _forward(self, d: int) -> None:
+    def _forward_inputs(self, d: int) -> tuple:
+        """(chunk index, inputs) of the next forward of direction d: step inputs or received activations."""
         i = self._fcount[d]
         self._fcount[d] += 1
         if self.prev[d] is None:
-            inputs = self._inputs[i]
-        else:
-            inputs = tuple(t.requires_grad_(not self.forward_only) if t.is_floating_point() else t
-                           for t in self._recv("F", d))
-        outputs = _as_tuple(self.module[d](*inputs))
+            return i, self._inputs[i]
+        return i, tuple(t.requires_grad_(not self.forward_only) if t.is_floating_point() else t
+                        for t in self._recv("F", d))
+
+    def _forward_done(self, d: int, i: int, inputs, outputs, loss) -> None:
+        """Keep what the backward needs, record the loss/outputs of a last stage, send the activations."""
         if self.next[d] is None:
-            if self.criterion is not None:
-                loss = self.criterion(*outputs, *self._labels[i])
+            if loss is not None:
                 self._losses.append(loss.detach())
-                self._saved[d].append((inputs, loss))
-            elif not self.forward_only:
-                raise ValueError("criterion is required on the rank that computes the loss")
+                if not self.forward_only:
+                    self._saved[d].append((inputs, loss))
             if self.return_outputs:
-                self._outputs.append(tuple(o.detach() for o in outputs))
+                self._outputs.append(tuple(o.detach() if o is not None else None for o in outputs))
         else:
             self._send("F", d, outputs)
             if not self.forward_only:
                 self._saved[d].append((inputs, outputs))
 
-    def _backward(self, d: int, zb: bool) -> None:
+    def _forward(self, d: int) -> None:
+        i, inputs = self._forward_inputs(d)
+        outputs = _as_tuple(self.module[d](*inputs))
+        last = self.next[d] is None and self.criterion is not None
+        self._forward_done(d, i, inputs, outputs, self.criterion(*outputs, *self._labels[i]) if last else None)
+
+    def _backward_inputs(self, d: int) -> tuple:
+        """(stage inputs, loss or None, outputs, output grads) of the next backward of direction d."""
         self._bcount[d] += 1
         inputs, outputs = self._saved[d].popleft()
+        if self.next[d] is None:
+            return inputs, outputs, (), ()
+        pairs = [(o, g) for o, g in zip(outputs, self._recv("B", d)) if o is not None and o.requires_grad]
+        return inputs, None, tuple(o for o, _ in pairs), tuple(g for _, g in pairs)
+
+    def _backward_done(self, d: int, inputs) -> None:
+        if self.prev[d] is not None:
+            self._send("B", d, [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
+
+    def _backward(self, d: int, zb: bool) -> None:
+        inputs, loss, outputs, grads = self._backward_inputs(d)
         WeightGradStore.enabled = zb
         try:
-            if self.next[d] is None:
-                torch.autograd.backward(outputs)
-            else:
-                grads = self._recv("B", d)
-                pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if loss is not None:
+                loss.backward()
+            elif outputs:
+                run_backward(outputs, grads)
         finally:
             WeightGradStore.enabled = False
         if zb:
             WeightGradStore.flush()
-        if self.prev[d] is not None:
-            self._send("B", d, [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
+        self._backward_done(d, inputs)
+
+    def _forward_backward(self, df: int, db: int) -> None:
+        """An F&B pair through the stage class's `overlapped_forward_backward` (the reference's hook)."""
+        i, inputs0 = self._forward_inputs(df)
+        last0 = self.next[df] is None and self.criterion is not None
+        criterion0, labels0 = (self.criterion, list(self._labels[i])) if last0 else (None, [])
+        inputs1, loss1, outputs1, grads1 = self._backward_inputs(db)
+        module0, module1 = self.module[df], self.module[db]
+        outputs0, loss0 = type(module0).overlapped_forward_backward(
+            module0, list(inputs0), criterion0, labels0, module1, loss1, list(outputs1), list(grads1))
+        self._forward_done(df, i, inputs0, _as_tuple(outputs0), loss0 if last0 else None)
+        self._backward_done(db, inputs1)
 
     def _run(self, op, j: int) -> None:
         name = op[0]
@@ -307,6 +373,8 @@ class PipelineSchedule(nn.Module):
             self._backward(op[1], op[2])  # recorded as Bi when zero-bubble: its W comes later
         elif name == "W":
             WeightGradStore.pop()
+        elif self.overlapped_forward_backward:
+            self._forward_backward(op[1], op[2])
         else:
             self._forward(op[1])   # F&B pair: receives of both were posted before, sends go out at once
             self._backward(op[2], False)
@@ -314,10 +382,11 @@ class PipelineSchedule(nn.Module):
         self._seg = None
 
     # ---------- step ----------
-    def step(self, *inputs, num_chunks: int = 0, criterion: Callable | None = None, labels=(),
-             return_outputs: bool = False):
-        """Run one training (or, under torch.no_grad, forward-only) step; see the module docstring."""
-        if self.shapes is None or self.dtype is None:
+    def _check_step(self, num_chunks: int) -> None:
+        """Resolve the P2P shapes/dtype (own setting, else the module-level default) and check the args."""
+        self._p2p_shapes = self.shapes if self.shapes is not None else _P2P["shapes"]
+        self._p2p_dtype = self.dtype if self.dtype is not None else _P2P["dtype"]
+        if self._p2p_shapes is None or self._p2p_dtype is None:
             raise RuntimeError("set_p2p_tensor_shapes and set_p2p_tensor_dtype must be called before step()")
         schedules.check_args(self.kind, self.num_ranks, num_chunks)
         if dist.get_backend(self.group) == "nccl" and (num_chunks, torch.is_grad_enabled()) not in self._nccl_ok:
@@ -327,18 +396,18 @@ class PipelineSchedule(nn.Module):
                 raise RuntimeError(f"{self.kind} PP={self.num_ranks} num_chunks={num_chunks}: the message order "
                                    "is not NCCL-safe (it relies on P2P tags); use gloo or another PP size")
             self._nccl_ok.add((num_chunks, torch.is_grad_enabled()))
-        self.forward_only = not torch.is_grad_enabled()
-        self.criterion, self.return_outputs = criterion, return_outputs
-        n = schedules.chunks_per_direction(self.kind, num_chunks)
-        ops = schedules.build(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
-        in_dirs = [d for d, p in enumerate(self.prev) if p is None]
-        loss_dirs = [d for d, p in enumerate(self.next) if p is None]
-        if in_dirs and not inputs:
+
+    def _reset(self, inputs: tuple, labels: tuple, n: int) -> None:
+        """Per-step state; inputs (labels) are split into n micro-batches only on a rank that feeds (finishes)
+        a pipe, so other ranks may pass anything, e.g. the reference's `step(None, labels=(None,))`."""
+        feeds = any(p is None for p in self.prev)
+        finishes = any(p is None for p in self.next)
+        if feeds and all(t is None for t in inputs):
             raise ValueError(f"rank {self.rank} runs a first stage and needs inputs")
-        if loss_dirs and not self.forward_only and criterion is None:
+        if finishes and not self.forward_only and self.criterion is None:
             raise ValueError(f"rank {self.rank} runs a last stage and needs a criterion")
-        self._inputs = _scatter(inputs, n, self.batch_dim)
-        self._labels = _scatter(tuple(labels), n, self.batch_dim)
+        self._inputs = _scatter(inputs, n, self.batch_dim) if feeds else None
+        self._labels = _scatter(labels, n, self.batch_dim) if finishes and self.criterion is not None else None
         self._fcount, self._bcount = [0, 0], [0, 0]
         self._saved = [deque(), deque()]
         self._local = {k: deque() for k in [("F", 0), ("F", 1), ("B", 0), ("B", 1)]}
@@ -346,6 +415,16 @@ class PipelineSchedule(nn.Module):
         self._sends, self._outbox, self._losses, self._outputs = [], [], [], []
         WeightGradStore.clear()
         self.timeline, self._seg = [], None
+
+    def step(self, *inputs, num_chunks: int = 0, criterion: Callable | None = None, labels=(),
+             return_outputs: bool = False):
+        """Run one training (or, under torch.no_grad, forward-only) step; see the module docstring.
+        Returns (loss [chunks of this rank's loss stage] or None, outputs or None)."""
+        self._check_step(num_chunks)
+        self.forward_only = not torch.is_grad_enabled()
+        self.criterion, self.return_outputs = criterion, return_outputs
+        ops = schedules.build(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
+        self._reset(inputs, tuple(labels), schedules.chunks_per_direction(self.kind, num_chunks))
         self._t_start = time.perf_counter()
         ahead = 1 if dist.get_backend(self.group) == "nccl" else 2
         self._posted = 0
@@ -362,7 +441,8 @@ class PipelineSchedule(nn.Module):
         loss = torch.stack(self._losses) if self._losses else None
         outputs = None
         if return_outputs and self._outputs:
-            cat = tuple(torch.cat([o[k] for o in self._outputs], self.batch_dim) for k in range(len(self._outputs[0])))
+            cat = tuple(None if o0 is None else torch.cat([o[k] for o in self._outputs], self.batch_dim)
+                        for k, o0 in enumerate(self._outputs[0]))
             outputs = cat[0] if len(cat) == 1 else cat
         self._inputs = self._labels = self._outputs = self._losses = None
         return loss, outputs
