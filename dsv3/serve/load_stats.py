@@ -38,21 +38,34 @@ def _read_state(state_json: Path) -> torch.Tensor:
     return load
 
 
-def checkpoint_loads(path: str | Path) -> torch.Tensor:
-    """load_total [moe layers, experts] (float64 token counts) of a checkpoint: `path` is a checkpoint
-    (holds state.json), a checkpoints root or a training out_dir (the newest valid checkpoint is read)."""
+def _checkpoint_dir(p: Path) -> Path:
     from dsv3.train import checkpoint as ckpt
 
-    p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}")
     if (p / "state.json").is_file():
-        return _read_state(p / "state.json")
+        return p
     for root in (p, p / "checkpoints"):
         c = ckpt.latest(root)
         if c is not None:
-            return _read_state(c / "state.json")
+            return c
     raise FileNotFoundError(f"{p} is neither a checkpoint (no state.json) nor a folder of checkpoints")
+
+
+def checkpoint_loads(path: str | Path, last_interval: bool = False) -> torch.Tensor:
+    """load_total [moe layers, experts] (float64 token counts) of a checkpoint: `path` is a checkpoint
+    (holds state.json), a checkpoints root or a training out_dir (the newest valid checkpoint is read).
+    `last_interval`: only the loads since the previous checkpoint (the router as it is at the end of
+    training, rather than summed over its whole history); the whole history when there is none."""
+    from dsv3.train import checkpoint as ckpt
+
+    c = _checkpoint_dir(Path(path))
+    load = _read_state(c / "state.json")
+    if last_interval:
+        older = [d for d in ckpt.list_checkpoints(c.parent) if d.name < c.name and (d / "state.json").is_file()]
+        if older:
+            load = load - _read_state(older[0] / "state.json")
+    return load
 
 
 def run_loads(run_id: str) -> torch.Tensor:

@@ -47,6 +47,8 @@ def test_loads_match_the_logged_balance_metric(trained):
     _, res, out = trained
     first, last = sorted((out / "checkpoints").glob("step_*"))
     step2 = checkpoint_loads(last) - checkpoint_loads(first)  # the load of step 2 alone
+    assert torch.equal(checkpoint_loads(out, last_interval=True), step2)
+    assert torch.equal(checkpoint_loads(first, last_interval=True), checkpoint_loads(first))  # no older one
     ratio = step2.max(1).values / step2.mean(1)
     for i, r in enumerate(ratio.tolist()):
         logged = dict(tracking.metric_history(res.run_id, f"moe/load_max_over_mean/layer_{i}"))
