@@ -119,6 +119,14 @@ class RedundantExpertMoE(DeepSeekMoE):
         self.group = group or dist.group.WORLD
         self.ep, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.n_experts, self.topk = moe.n_experts, moe.topk
+        self.gate, self.shared_experts = moe.gate, moe.shared_experts
+        self.alpha, self.balance_loss = moe.alpha, None
+        self.set_plan(moe.experts, phy2log, log2phy, logcnt)
+
+    def set_plan(self, experts: Sequence[nn.Module], phy2log: torch.Tensor, log2phy: torch.Tensor,
+                 logcnt: torch.Tensor) -> None:
+        """(Re)place this rank's slots from the layer's logical `experts` (§3.4 adjusts the redundant
+        experts periodically from online statistics). Every rank applies the same plan at the same step."""
         P = phy2log.numel()
         if P % self.ep:
             raise ValueError(f"{P} physical experts do not split over {self.ep} expert-parallel ranks")
@@ -127,10 +135,8 @@ class RedundantExpertMoE(DeepSeekMoE):
         if (logcnt < 1).any() or not torch.equal(torch.bincount(phy2log, minlength=self.n_experts), logcnt):
             raise ValueError("inconsistent plan: every expert needs >= 1 slot and logcnt must count phy2log")
         self.num_phy, self.slots = P, P // self.ep
-        self.gate, self.shared_experts = moe.gate, moe.shared_experts
-        self.alpha, self.balance_loss = moe.alpha, None
         self.slot_experts = phy2log[self.rank * self.slots:(self.rank + 1) * self.slots].tolist()
-        self.experts = nn.ModuleList(moe.experts[e] for e in self.slot_experts)  # replicas share a module
+        self.experts = nn.ModuleList(experts[e] for e in self.slot_experts)  # replicas on a rank share a module
         self.register_buffer("log2phy", log2phy.clone(), persistent=False)
         self.register_buffer("logcnt", logcnt.clone(), persistent=False)
         self.rows_received = 0  # (token, expert) rows this rank's slots computed: its measured load
@@ -208,6 +214,18 @@ def place_experts(model: nn.Module, phy2log: torch.Tensor, log2phy: torch.Tensor
 
 def ep_layers(model: nn.Module) -> list[RedundantExpertMoE]:
     return [m for m in model.modules() if isinstance(m, RedundantExpertMoE)]
+
+
+def update_placement(model: nn.Module, full: nn.Module, phy2log: torch.Tensor, log2phy: torch.Tensor,
+                     logcnt: torch.Tensor) -> None:
+    """Apply a new plan to an EP model; the weights of newly held experts come from `full` (the whole
+    model in host memory here; at scale they would be copied from the ranks holding them)."""
+    src = [m for m in full.modules() if isinstance(m, DeepSeekMoE) and not isinstance(m, RedundantExpertMoE)]
+    layers = ep_layers(model)
+    if len(src) != len(layers) or phy2log.shape[0] != len(layers):
+        raise ValueError(f"plan has {phy2log.shape[0]} layers, the model {len(layers)}, the source {len(src)}")
+    for i, (layer, moe) in enumerate(zip(layers, src)):
+        layer.set_plan(moe.experts, phy2log[i], log2phy[i], logcnt[i])
 
 
 def rank_loads(model: nn.Module, group=None) -> torch.Tensor:
