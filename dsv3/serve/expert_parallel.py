@@ -53,13 +53,18 @@ _local = threading.local()
 @dataclass
 class EPConfig:
     """Expert-parallel serving: `ep` ranks, `num_redundant` extra physical experts per layer (rounded up so
-    that every rank holds the same number), EPLB's `num_groups` (None: the model's n_group) and `num_nodes`,
-    and dual micro-batch `overlap`."""
+    that every rank holds the same number), EPLB's `num_groups` (None: the model's n_group) and `num_nodes`
+    (ranks are split evenly over nodes; groups % nodes == 0 selects EPLB's hierarchical policy)."""
     ep: int = 1
     num_redundant: int = 0
     num_groups: int | None = None
     num_nodes: int = 1
-    overlap: bool = False
+
+    def __post_init__(self):
+        if self.ep < 1 or self.num_nodes < 1 or self.ep % self.num_nodes:
+            raise ValueError(f"ep={self.ep} must be >= 1 and a multiple of num_nodes={self.num_nodes}")
+        if self.num_redundant < 0:
+            raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
 
     def plan(self, load: torch.Tensor, model_groups: int = 1):
         """EPLB plan (phy2log, log2phy, logcnt) for a [layers, experts] load matrix."""

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from dsv3.model.config import ModelConfig
 from dsv3.model.transformer import DeepSeekV3
@@ -149,3 +148,7 @@ def test_bad_plan():
         place_experts(ref, *default_placement(5, 8))
     with pytest.raises(ValueError, match="micro-batch overlap needs"):
         ep_logits(ref, tokens(0, n=1), overlap=True)
+    with pytest.raises(ValueError, match="multiple of num_nodes"):
+        EPConfig(ep=3, num_nodes=2)
+    with pytest.raises(ValueError, match="num_redundant"):
+        EPConfig(ep=2, num_redundant=-1)
