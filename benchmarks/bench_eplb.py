@@ -11,7 +11,8 @@
 4. Micro-batch overlap at `--ep` ranks: forward time of a prefill batch and of a decode step (one token per
    sequence over the latent cache), whole batch vs two micro-batches one after the other vs two
    micro-batches overlapped (dispatch/combine of one in flight while the other computes). Median of
-   `--repeats`, slowest rank, modes interleaved.
+   `--repeats`, slowest rank, modes interleaved; also the time blocked in collectives' wait() (transfer
+   plus waiting for the other rank: what overlap could still hide).
 
 On a shared 2-core machine the timings are noisy and the overlap can only hide what the gloo threads do
 while the other micro-batch holds a core: with ranks, gloo threads and other jobs competing for 2 cores the
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3.model.transformer import DeepSeekV3  # noqa: E402
 from dsv3.parallel.local import spawn  # noqa: E402
 from dsv3.serve.eplb import default_placement, gpu_loads, imbalance, rebalance_experts  # noqa: E402
-from dsv3.serve.expert_parallel import (EPConfig, ep_logits, place_experts, rank_loads,  # noqa: E402
+from dsv3.serve.expert_parallel import (WAIT_SECONDS, EPConfig, ep_logits, place_experts, rank_loads,  # noqa: E402
                                         run_micro_batches)
 from dsv3.serve.load_stats import checkpoint_loads, training_loads  # noqa: E402
 
@@ -165,17 +166,21 @@ def _overlap_worker(rank, world, model_dir, batch, seq_len, repeats, out):
     with torch.no_grad():
         for kind, make in (("prefill", prefill), ("decode", decode)):
             times = {m: [] for m in ("whole", "sequential", "overlap")}
+            waits = {m: [] for m in times}
             for r in range(repeats + 1):
                 for m in times:
                     fn = make(m)
                     dist.barrier()
+                    WAIT_SECONDS[0] = 0.0
                     t0 = time.perf_counter()
                     fn()
-                    dt = torch.tensor(time.perf_counter() - t0)
+                    dt = torch.tensor([time.perf_counter() - t0, WAIT_SECONDS[0]])
                     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
                     if r:  # the first round warms up
-                        times[m].append(float(dt))
+                        times[m].append(float(dt[0]))
+                        waits[m].append(float(dt[1]))
             res[kind] = {m: statistics.median(v) for m, v in times.items()}
+            res[kind].update({f"wait_{m}": statistics.median(v) for m, v in waits.items()})
     if rank == 0:
         Path(out).write_text(json.dumps(res))
 
@@ -190,6 +195,8 @@ def overlap(model_dir, a, tmp: Path) -> None:
         print(f"  {kind:>7}: whole batch {1e3 * t['whole']:.1f} ms | 2 micro-batches sequential "
               f"{1e3 * t['sequential']:.1f} ms | overlapped {1e3 * t['overlap']:.1f} ms | "
               f"speed-up vs sequential {t['sequential'] / t['overlap']:.2f}x, vs whole {t['whole'] / t['overlap']:.2f}x")
+        print(f"  {'':>7}  blocked on collectives: whole {1e3 * t['wait_whole']:.1f} ms | sequential "
+              f"{1e3 * t['wait_sequential']:.1f} ms | overlapped {1e3 * t['wait_overlap']:.1f} ms")
 
 
 def main() -> int:
