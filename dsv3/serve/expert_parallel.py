@@ -20,8 +20,8 @@ Design choices
 - Micro-batch overlap (§3.4, "two micro-batches with similar computational workloads, overlapping the
   attention and MoE of one micro-batch with the dispatch and combine of another"): `MicroBatchOverlap`
   runs two micro-batches as coroutines (greenlets in the calling thread: a switch costs < 1 us and needs
-  no OS wake-up, where a hand-over between two threads cost ~35 us here and can wait for a time slice on a loaded
-  CPU), so exactly one of them computes at any time. Every collective of the MoE layer is issued with
+  no OS wake-up, where a hand-over between two threads cost ~35 us here and can wait for a time slice
+  on a loaded CPU), so exactly one of them computes at any time. Every collective of the MoE layer is issued with
   `async_op=True` (gloo/NCCL progress it on their own threads/streams); at that point the issuing
   micro-batch hands over to the other one (which computes its attention, gate, experts or shared experts
   meanwhile) and waits on its request only when its turn comes back. The strict alternation makes every
