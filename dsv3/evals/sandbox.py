@@ -144,12 +144,12 @@ def _bwrap_argv(bwrap: str, root: bool, program: str) -> list[str]:
     hide = [h for h in _hidden() if any(_inside(h, b) for b in binds + extra)]
     for h in hide:
         a += ["--tmpfs", h]
-    for d in extra:  # the interpreter's own prefix, after any tmpfs that would cover it
-        a += ["--dir", os.path.dirname(d), "--ro-bind", d, d]  # --dir: parents 0755 (bwrap's own are 0700)
     a += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     size = ["--size", str(TMPFS_MB << 20)] if "--size" in help_text else []
     for d in ("/dev/shm", "/tmp", "/work"):
         a += size + ["--tmpfs", d, "--chmod", "1777", d]
+    for d in extra:  # the interpreter's own prefix, after every tmpfs that could cover it
+        a += ["--dir", os.path.dirname(d), "--ro-bind", d, d]  # --dir: parents 0755 (bwrap's own are 0700)
     return a + ["--dir", "/sbx", "--ro-bind", _CHILD, "/sbx/child.py", "--ro-bind", program, "/sbx/main.py",
                 "--remount-ro", "/", "--chdir", "/work"]  # the skeleton bwrap built (/etc, /sbx, ...) too
 

@@ -8,6 +8,7 @@ world-writable dir outside with another victim, to be checked from outside after
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ def environ(**kv):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+@functools.lru_cache(maxsize=None)
 def user_python(uid: int) -> str | None:
     """A python3 (>= 3.9) with its stdlib that `uid` can run, or None."""
     cands = ["/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or "", sandbox._interpreter()[0]]
@@ -53,7 +55,7 @@ class Mode:
     def __init__(self, name: str, base: Path):
         self.name, self.base = name, base
         self.drop = name == "user" and ROOT  # run as UID through the copied script
-        self.uid = UID if self.drop else os.getuid()
+        self.uid, self.gid = (UID, UID) if self.drop else (os.getuid(), os.getgid())
         self.token = secrets.token_hex(8)
         self.home = base / "home"
         self.outside = base / "outside"
@@ -68,7 +70,7 @@ class Mode:
             v.write_text(KEEP)
             os.chmod(v, 0o666)
         for p in (self.home, self.outside, self.secret, *self.victims):
-            os.chown(p, self.uid, self.uid)
+            os.chown(p, self.uid, self.gid)
         if self.drop:
             self.python = user_python(UID)
             if self.python is None:

@@ -5,6 +5,7 @@ missing and the override. Hostile programs: test_sandbox_hostile.py."""
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,15 @@ def test_view_from_inside(mode):
     assert v["nics"] == ["lo"]  # its own network namespace
     assert v["write"] == {"/work": True, "/tmp": True, "/usr": False, "/etc": False, "/dev": False, "": False,
                           "/sbx": False}
+
+
+def test_private_dirs_under_a_bound_path_are_covered():
+    # a home (or project) under /usr, as in images with WORKDIR /usr/src/app: an empty tmpfs covers it
+    with environ(HOME="/usr/share/doc"):
+        r = run_code("import os\nprint(os.listdir('/usr/share/doc'), os.path.exists('/usr/share/doc/..'), "
+                     "os.path.exists('/usr/bin/sh'))")
+    assert r.ok and r.stdout == "[] True True\n", r.stderr
+    assert os.listdir("/usr/share/doc")  # not empty outside
 
 
 def test_runs_share_no_state(mode):
