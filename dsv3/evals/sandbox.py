@@ -140,7 +140,7 @@ def _bwrap_argv(bwrap: str, root: bool, program: str) -> list[str]:
     extra = [d for d in (prefix, os.path.dirname(exe)) if not any(d == b or _inside(d, b) for b in binds)]
     extra = [d for i, d in enumerate(extra) if not any(d == e or _inside(d, e) for e in extra[:i])]
     for b in binds:
-        a += ["--ro-bind", b, b]
+        a += (["--dir", os.path.dirname(b)] if os.path.dirname(b) != "/" else []) + ["--ro-bind", b, b]
     hide = [h for h in _hidden() if any(_inside(h, b) for b in binds + extra)]
     for h in hide:
         a += ["--tmpfs", h]

@@ -169,6 +169,20 @@ def test_cannot_signal_processes_outside(mode):
         victim.wait()
 
 
+def test_nested_namespace_cannot_remount_or_unmount(mode):
+    # a new user + mount namespace inside (where permitted) gives capabilities over the copies of the
+    # mounts only: the read-only flags and the mounts over hidden paths are locked
+    mark = f"/usr/dsv3-pwned-{mode.token}"
+    prog = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('unshare', libc.unshare(0x10000000 | 0x00020000), ctypes.get_errno())\n"
+            "print('remount', libc.mount(None, b'/usr', None, 32 | 4096, None), ctypes.get_errno())\n"
+            "print('umount', libc.umount2(b'/tmp', 2), libc.umount2(b'/usr', 2), ctypes.get_errno())\n"
+            f"try:\n    open({mark!r}, 'w').write('x')\nexcept OSError as e:\n    print(e)\nprint('ran')\n")
+    r = mode.run1(prog)
+    assert "ran" in r.stdout, r.stderr
+    assert "remount -1" in r.stdout and not os.path.exists(mark)
+
+
 # ---- controls: with no mechanism and the override, the same attacks land (the checks have teeth)
 
 def test_controls_without_sandbox_attacks_land(mode, listener):
