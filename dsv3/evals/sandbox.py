@@ -216,7 +216,7 @@ def describe() -> dict:
 
 def _next_uid() -> int:
     with _lock:
-        return _UID_BASE + (os.getpid() % 1000) * 1000 + next(_counter) % 1000
+        return _UID_BASE + (os.getpid() % 1_000_000) * 1000 + next(_counter) % 1000  # < 2**31, per process
 
 
 def _kill_uid(uid: int) -> None:
