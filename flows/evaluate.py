@@ -4,7 +4,7 @@ Prefect markdown artifact (DeepSeek-V3 §4.4 benchmarks; see dsv3/evals).
 Thin by design: the work is in dsv3.evals.runner. The checkpoint is `--ckpt` (a HF dir,
 `runs:/...`, `models:/name/version`) or the newest `runs/*/checkpoints/step_*/model` that
 dsv3.train wrote, else `models:/dsv3/latest`. The flow parameter is the `EvalConfig`.
-    python -m flows.evaluate [--ckpt PATH] [--limit N] [--tasks mmlu,drop] [--data-dir D]
+    python -m flows.evaluate [--ckpt PATH] [--limit N] [--tasks mmlu,drop] [--data-dir D] [--unsafe-no-sandbox]
 """
 
 from __future__ import annotations
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--no-track", action="store_true")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="no sandbox mechanism: run HumanEval UNCONTAINED")
     a = p.parse_args(argv)
-    cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, a.data_dir)
+    sets = a.set + (["eval.unsafe_no_sandbox=true"] if a.unsafe_no_sandbox else [])
+    cfg = load_eval_config(a.config, sets, a.tasks, a.limit, a.data_dir)
     res = evaluate_flow(a.ckpt, cfg, not a.no_track)
     print(res["table"])
     print(f"checkpoint: {res['ckpt']}  mlflow run: {res['run_id']}")

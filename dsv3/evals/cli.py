@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     r.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
     r.add_argument("--data-dir", default=None, help="offline data (make eval-data); also $DSV3_EVAL_DATA")
     r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="where no sandbox mechanism (bubblewrap) works, run HumanEval's model-written code UNCONTAINED")
     r.set_defaults(func=_run)
     c = sub.add_parser("compare", help="side-by-side table and PNG chart of eval runs")
     c.add_argument("runs", nargs="+", help="MLflow run ids")
@@ -41,7 +43,8 @@ def load_eval_config(config: str | None, sets: list[str], tasks: str | None = No
 def _run(a: argparse.Namespace) -> int:
     from dsv3.evals.runner import evaluate, find_latest_checkpoint
 
-    cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, a.data_dir)
+    sets = a.set + (["eval.unsafe_no_sandbox=true"] if a.unsafe_no_sandbox else [])
+    cfg = load_eval_config(a.config, sets, a.tasks, a.limit, a.data_dir)
     res = evaluate(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
     print(res["table"])
     if res["run_id"]:

@@ -19,6 +19,9 @@ class EvalConfig(BaseModel):
     max_gen_toks: int | None = Field(None, ge=1)  # caps every task's generation length
     seed: int = 1234
     log_samples: bool = True
+    # HumanEval runs model-written code; with no sandbox mechanism (dsv3.evals.sandbox) it refuses unless
+    # this is set (`--unsafe-no-sandbox`): then the code runs UNCONTAINED, warned and tagged on the run
+    unsafe_no_sandbox: bool = False
     # bits-per-byte on the curated validation split (dsv3.data.shards); None: skipped
     bpb_shards: str | None = None
     bpb_split: str = "val"

@@ -146,6 +146,10 @@ def run_benchmark(ckpt: str, bench: str, cfg: EvalConfig, out: str | Path) -> di
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from dsv3.evals import sandbox
+
+    code = bench == "humaneval"  # model-written code: sandboxed, or refused before the model loads
+    uncontained = code and sandbox.gate(cfg.unsafe_no_sandbox) == "none"
     offline = is_offline(cfg)
     lm = get_lm(ckpt, cfg)
     out = Path(out)
@@ -154,13 +158,14 @@ def run_benchmark(ckpt: str, bench: str, cfg: EvalConfig, out: str | Path) -> di
     tasks = [task_name(bench, offline)]
     if bench == "mmlu" and cfg.mmlu_subjects:
         tasks = [f"{tasks[0]}_{s}" for s in cfg.mmlu_subjects]
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
-        limit=cfg.limit, task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=not offline),
-        log_samples=cfg.log_samples, confirm_run_unsafe_code=True,
-        gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
-        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed)
+    with sandbox.allow_unsafe(uncontained):
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot.get(bench, FEWSHOT[bench]),
+            limit=cfg.limit, task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=not offline),
+            log_samples=cfg.log_samples, confirm_run_unsafe_code=code,  # only past the sandbox gate
+            gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
     m = summarize(bench, res)
     m[f"eval/{bench}/seconds"] = time.time() - t0
     raw = {k: res.get(k) for k in ("results", "groups", "n-shot", "n-samples", "higher_is_better")}
@@ -214,9 +219,13 @@ def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str |
         parent = None
     params = {f"eval.{k}": v for k, v in cfg.model_dump(mode="json").items()}
     params["eval.checkpoint"] = ckpt
+    tags = {"checkpoint_uri": ckpt, "source_run_id": parent, "primary": json.dumps(PRIMARY)}
+    if "humaneval" in cfg.tasks:  # where model-written code ran: "bwrap", or "none" under --unsafe-no-sandbox
+        from dsv3.evals import sandbox
+
+        tags.update(sandbox=sandbox.describe()["mechanism"] or "none", unsafe_no_sandbox=str(cfg.unsafe_no_sandbox))
     with tracking.start_run(params, stage="eval", run_name=run_name or "eval", parent_run_id=parent,
-                            tags={"checkpoint_uri": ckpt, "source_run_id": parent,
-                                  "primary": json.dumps(PRIMARY)}) as run:
+                            tags=tags) as run:
         tracking.log_metrics(metrics)
         tracking.log_artifact(out, "eval")
         return run.info.run_id
