@@ -1,6 +1,6 @@
 """Prefect flow `posttrain`: SFT data -> SFT -> reward model -> GRPO (-> distillation) (DeepSeek-V3 §5).
 
-Thin by design (DESIGN.md): each task calls one `dsv3.posttrain.pipeline` stage and passes
+Thin by design (DESIGN.md): each task calls one `dsv3.posttrain.stages` stage and passes
 checkpoint URIs and MLflow run ids on. MLflow: one parent run `posttrain` with a child run
 per stage (sft_data, sft, reward, grpo, distill); the final model is registered as
 `<tracking.registered_model>-chat`. The flow parameter is the whole `RunConfig`.
@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 
 from dsv3.config import RunConfig  # noqa: E402
-from dsv3.posttrain import pipeline  # noqa: E402
+from dsv3.posttrain import stages  # noqa: E402
 
 
 def find_init(cfg: RunConfig, out: Path) -> str:
@@ -39,33 +39,33 @@ def find_init(cfg: RunConfig, out: Path) -> str:
             return str(Path(ck) / "model")
     except Exception:  # noqa: BLE001 - no pretraining run yet
         pass
-    return pipeline.fresh_init(cfg, out / "init", seed=cfg.posttrain.sft.seed)
+    return stages.fresh_init(cfg, out / "init", seed=cfg.posttrain.sft.seed)
 
 
 @task
 def data_task(cfg, pid):
-    return pipeline.stage_data(cfg, parent_run_id=pid)
+    return stages.stage_data(cfg, parent_run_id=pid)
 
 
 @task
 def sft_task(cfg, init, data, out, pid):
-    return pipeline.stage_sft(cfg, init, data, out, parent_run_id=pid)
+    return stages.stage_sft(cfg, init, data, out, parent_run_id=pid)
 
 
 @task
 def reward_task(cfg, init, data, out, pid):
-    return pipeline.stage_reward(cfg, init, data, out, parent_run_id=pid)
+    return stages.stage_reward(cfg, init, data, out, parent_run_id=pid)
 
 
 @task
 def grpo_task(cfg, init, out, rm, pid):
-    r = pipeline.stage_grpo(cfg, init, out, rm_uri=rm, parent_run_id=pid)
+    r = stages.stage_grpo(cfg, init, out, rm_uri=rm, parent_run_id=pid)
     return {k: v for k, v in r.items() if k != "history"}
 
 
 @task
 def distill_task(cfg, student, teacher, data, out, pid):
-    return pipeline.stage_distill(cfg, student, teacher, data, out, parent_run_id=pid)
+    return stages.stage_distill(cfg, student, teacher, data, out, parent_run_id=pid)
 
 
 @flow(name="posttrain", log_prints=True)

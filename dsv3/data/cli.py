@@ -53,7 +53,7 @@ def format_stats(out: str | Path) -> str:
 
 
 def _curate(a) -> int:
-    from dsv3.data.pipeline import run_all
+    from dsv3.data.curate import run_all
     from dsv3.data.sources import DataSourceError
 
     cfg = load_config(a.params, a.set, sources=a.sources or None, workers=a.workers, ray_address=a.ray_address)
@@ -84,14 +84,14 @@ def _validate(a) -> int:
 
 
 def _stage(a) -> int:
-    from dsv3.data import pipeline
+    from dsv3.data import curate
 
     cfg = load_config(a.params, a.set)
     out = a.out or cfg.out_dir
-    fn = {"curate": pipeline.curate, "tokenizer": pipeline.tokenizer_stage, "shards": pipeline.shards_stage}[a.name]
+    fn = {"curate": curate.curate, "tokenizer": curate.tokenizer_stage, "shards": curate.shards_stage}[a.name]
     try:
         fn(cfg, out)
-    except pipeline.AccountingError as e:
+    except curate.AccountingError as e:
         print(f"dsv3 data: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dsv3.data.fim import fim_invert
-from dsv3.data.pipeline import read_split
+from dsv3.data.curate import read_split
 from dsv3.data.shards import TokenShards
 from dsv3.data.tokenizer import load_tokenizer
 
@@ -48,7 +48,7 @@ def test_accounting_identity_and_planted_buckets(curated, corpus):
 
 
 def test_split_is_deterministic(curated, tmp_path):
-    from dsv3.data.pipeline import curate
+    from dsv3.data.curate import curate
 
     out, cfg, _ = curated
     curate(cfg, tmp_path)
