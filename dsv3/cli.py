@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsv3.model.config import ConfigError
+    from dsv3.config_base import config_error_exit
+    from dsv3.errors import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"dsv3: config error: {e}", file=sys.stderr)
-        return 2
+        return config_error_exit(e)
 
 
 if __name__ == "__main__":

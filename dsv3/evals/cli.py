@@ -1,4 +1,7 @@
-"""`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`."""
+"""`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`.
+
+The config is the `eval:` section of `--config` (a RunConfig YAML) with `--set eval.k=v` and the
+flags on top, loaded by `dsv3.config_base.load` like every entry point."""
 
 from __future__ import annotations
 
@@ -26,16 +29,13 @@ def register(subparsers) -> None:
 
 def load_eval_config(config: str | None, sets: list[str], tasks: str | None = None, limit: int | None = None,
                      data_dir: str | None = None):
-    from dsv3.config import RunConfig
+    """EvalConfig: the `eval:` section of `config` (a RunConfig YAML), `--set eval.k=v`, then the flags."""
+    from dsv3.config_base import load
+    from dsv3.evals.config import EvalConfig
 
-    ov = list(sets)
-    if tasks:
-        ov.append(f"eval.tasks=[{tasks}]")
-    if limit:
-        ov.append(f"eval.limit={limit}")
-    if data_dir:
-        ov.append(f"eval.data_dir={data_dir}")
-    return RunConfig.load(config, ov).eval
+    flags = {"eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+             "eval.limit": limit, "eval.data_dir": data_dir}
+    return load(EvalConfig, config, sets, section="eval", values=flags)
 
 
 def _run(a: argparse.Namespace) -> int:
