@@ -39,10 +39,10 @@ def load_eval_config(config: str | None, sets: list[str], tasks: str | None = No
 
 
 def _run(a: argparse.Namespace) -> int:
-    from dsv3.evals.runner import evaluate, find_latest_checkpoint
+    from dsv3.evals.runner import evaluate_checkpoint, find_latest_checkpoint
 
     cfg = load_eval_config(a.config, a.set, a.tasks, a.limit, a.data_dir)
-    res = evaluate(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
+    res = evaluate_checkpoint(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
     print(res["table"])
     if res["run_id"]:
         print(f"mlflow run: {res['run_id']}")
