@@ -65,11 +65,11 @@ class RunConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
         """YAML file (optional) + `--set a.b=c` overrides -> RunConfig; ConfigError naming the key."""
-        return config_base.load(cls, path, overrides or ())
+        return config_base.load_config(cls, path, overrides or ())
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return config_base.validate(cls, d)
+        return config_base.validate_config(cls, d)
 
     def flatten(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (`dsv3.config_base.flatten`)."""

@@ -1,7 +1,7 @@
 """The config base: one loader for every entry point, one error format, one dotted-key flattener.
 
 Every command and flow (`dsv3 pretrain|extend|data|eval|sft|...`, `python -m flows.*`) builds
-its config with `load(cls, path, overrides, section=...)`:
+its config with `load_config(cls, path, overrides, section=...)`:
     YAML file (a mapping shaped like `RunConfig`: configs/*.yaml, params.yaml)
     -> `--set a.b=c` overrides, in order -> command-line flags (`values`) -> pydantic validation.
 
@@ -96,7 +96,7 @@ def apply_override(d: dict, override: str) -> str:
 
 
 # ---- validation -------------------------------------------------------------------------------
-def validate(cls: type[M], d: Mapping, prefix: str = "", what: str = "config") -> M:
+def validate_config(cls: type[M], d: Mapping, prefix: str = "", what: str = "config") -> M:
     """`cls(**d)` with pydantic errors turned into one ConfigError naming each dotted key."""
     try:
         return cls(**d)
@@ -152,7 +152,7 @@ def suggest(root: type[BaseModel], loc: list[str]) -> str | None:
 
 
 # ---- the loader -------------------------------------------------------------------------------
-def load(cls: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+def load_config(cls: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
          section: str | None = None, values: Mapping[str, Any] | None = None) -> M:
     """The one loader: YAML file -> `--set` overrides -> `values` (dotted key -> value, None skipped)
     -> `cls`. With `section`, the file is a whole RunConfig mapping and `cls` validates only
@@ -168,13 +168,13 @@ def load(cls: type[M], path: str | Path | None = None, overrides: list[str] | tu
             if section is not None:
                 _check_in_section(cls, section, key, key)
     if section is None:
-        return validate(cls, d)
+        return validate_config(cls, d)
     body = d.get(section)
     if body is None:
         body = {}
     if not isinstance(body, dict):
         raise ConfigError(f"{section}: must be a mapping of {cls.__name__} fields, got {type(body).__name__}")
-    return validate(cls, body, prefix=f"{section}.")
+    return validate_config(cls, body, prefix=f"{section}.")
 
 
 def _check_in_section(cls: type[BaseModel], section: str, key: str, what: str) -> None:

@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from dsv3.config_base import config_error_exit
 from dsv3.data import report, version
-from dsv3.data.cli import load_config
+from dsv3.data.cli import load_data_config
 from dsv3.data.config import DataConfig
 from dsv3.errors import ConfigError
 
@@ -87,7 +87,7 @@ def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bo
     if cfg is not None:
         write_params(repo, cfg)
     else:
-        cfg = load_config(_params(repo))
+        cfg = load_data_config(_params(repo))
     dvc_repro(repo)
     validation = validate_data(repo, cfg) if run_validation else {"success": True, "docs": None}
     out = track(repo, cfg, validation)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-validate", action="store_true")
     a = ap.parse_args(argv)
     try:
-        cfg = load_config(_params(a.repo), a.set)
+        cfg = load_data_config(_params(a.repo), a.set)
     except ConfigError as e:
         return config_error_exit(e, "flows.data")
     try:  # params.yaml is rewritten only when --set changed it

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dsv3.config import RunConfig
-from dsv3.config_base import flatten, load, write_params
+from dsv3.config_base import flatten, load_config, write_params
 from dsv3.data.config import DataConfig
 from dsv3.errors import CheckpointError, ConfigError
 
@@ -21,7 +21,7 @@ def _yaml(tmp_path, text: str) -> Path:
 
 def test_file_then_overrides_then_values(tmp_path):
     p = _yaml(tmp_path, "preset: tiny\ntrain: {steps: 5, seq_len: 32}\neval: {tasks: [mmlu]}\n")
-    cfg = load(RunConfig, p, ["train.steps=7", "eval.tasks=[drop, humaneval]", "eval.limit=null",
+    cfg = load_config(RunConfig, p, ["train.steps=7", "eval.tasks=[drop, humaneval]", "eval.limit=null",
                               "posttrain.init=@weird/path"], values={"train.seq_len": 64, "train.lr": None})
     assert (cfg.train.steps, cfg.train.seq_len) == (7, 64)
     assert cfg.eval.tasks == ["drop", "humaneval"] and cfg.eval.limit is None
@@ -61,14 +61,14 @@ def test_missing_file_and_several_errors_at_once(tmp_path):
 
 def test_section_loading_refuses_keys_outside_the_section(tmp_path):
     p = _yaml(tmp_path, "data: {seq_len: 128}\ntrain: {steps: 1}\n")
-    assert load(DataConfig, p, ["data.dedup.bands=20"], section="data").dedup.bands == 20
-    assert load(DataConfig, p, section="data").seq_len == 128
+    assert load_config(DataConfig, p, ["data.dedup.bands=20"], section="data").dedup.bands == 20
+    assert load_config(DataConfig, p, section="data").seq_len == 128
     with pytest.raises(ConfigError, match=r"reads only the 'data' section.*did you mean 'data.dedup.bands'"):
-        load(DataConfig, p, ["dedup.bands=20"], section="data")
+        load_config(DataConfig, p, ["dedup.bands=20"], section="data")
     with pytest.raises(ConfigError, match="data.dedup.bandz: unknown key \\(did you mean 'data.dedup.bands'\\?\\)"):
-        load(DataConfig, p, ["data.dedup.bandz=20"], section="data")
+        load_config(DataConfig, p, ["data.dedup.bandz=20"], section="data")
     with pytest.raises(ConfigError, match="data: must be a mapping of DataConfig fields"):
-        load(DataConfig, _yaml(tmp_path, "data: 3\n"), section="data")
+        load_config(DataConfig, _yaml(tmp_path, "data: 3\n"), section="data")
 
 
 def test_flatten_is_the_dotted_view():

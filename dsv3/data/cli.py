@@ -6,7 +6,7 @@
     python -m dsv3.data.cli stage {curate,tokenizer,shards} [--params params.yaml]   (dvc.yaml)
 Parameters: the `data:` section (DataConfig) of `--params` (a RunConfig-shaped YAML; default
 params.yaml when present, `none` for none), then `--set data.k=v`, then the flags; loaded by
-`dsv3.config_base.load` like every other entry point.
+`dsv3.config_base.load_config` like every other entry point.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dsv3.config_base import config_error_exit, load
+from dsv3.config_base import config_error_exit, load_config
 from dsv3.data.config import DataConfig
 from dsv3.data.report import format_stats
 from dsv3.errors import ConfigError
@@ -22,20 +22,20 @@ from dsv3.errors import ConfigError
 DEFAULT_PARAMS = "params.yaml"
 
 
-def load_config(params: str | None = None, overrides: list[str] | tuple[str, ...] = (), **fields) -> DataConfig:
+def load_data_config(params: str | None = None, overrides: list[str] | tuple[str, ...] = (), **fields) -> DataConfig:
     """DataConfig from the `data:` section of `params` (None: params.yaml if present; "none": no
     file), `--set data.k=v` overrides and flag values (`fields`, None = not given)."""
     if params is None:
         params = DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else "none"
     path = None if params == "none" else params
-    return load(DataConfig, path, overrides, section="data", values={f"data.{k}": v for k, v in fields.items()})
+    return load_config(DataConfig, path, overrides, section="data", values={f"data.{k}": v for k, v in fields.items()})
 
 
 def _curate(a) -> int:
     from dsv3.data.curate import run_all
     from dsv3.data.sources import DataSourceError
 
-    cfg = load_config(a.params, a.set, sources=a.sources or None, workers=a.workers, ray_address=a.ray_address)
+    cfg = load_data_config(a.params, a.set, sources=a.sources or None, workers=a.workers, ray_address=a.ray_address)
     try:
         run_all(cfg, a.out)
     except DataSourceError as e:
@@ -65,7 +65,7 @@ def _validate(a) -> int:
 def _stage(a) -> int:
     from dsv3.data import curate
 
-    cfg = load_config(a.params, a.set)
+    cfg = load_data_config(a.params, a.set)
     out = a.out or cfg.out_dir
     fn = {"curate": curate.curate, "tokenizer": curate.tokenizer_stage, "shards": curate.shards_stage}[a.name]
     try:

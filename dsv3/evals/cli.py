@@ -1,7 +1,7 @@
 """`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`.
 
 The config is the `eval:` section of `--config` (a RunConfig YAML) with `--set eval.k=v` and the
-flags on top, loaded by `dsv3.config_base.load` like every entry point."""
+flags on top, loaded by `dsv3.config_base.load_config` like every entry point."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def register(subparsers) -> None:
 def load_eval_config(config: str | None, sets: list[str], tasks: str | None = None, limit: int | None = None,
                      data_dir: str | None = None):
     """EvalConfig: the `eval:` section of `config` (a RunConfig YAML), `--set eval.k=v`, then the flags."""
-    from dsv3.config_base import load
+    from dsv3.config_base import load_config
     from dsv3.evals.config import EvalConfig
 
     flags = {"eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
              "eval.limit": limit, "eval.data_dir": data_dir}
-    return load(EvalConfig, config, sets, section="eval", values=flags)
+    return load_config(EvalConfig, config, sets, section="eval", values=flags)
 
 
 def _run(a: argparse.Namespace) -> int:

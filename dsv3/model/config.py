@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dsv3.config_base import validate
+from dsv3.config_base import validate_config
 from dsv3.errors import ConfigError  # its old home: `from dsv3.model.config import ConfigError` still works
 
 
@@ -142,7 +142,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def make(cls, **kw: Any) -> "ModelConfig":
         """Build with errors as ConfigError naming the field."""
-        return validate(cls, kw, what="ModelConfig")
+        return validate_config(cls, kw, what="ModelConfig")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
