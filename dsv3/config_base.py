@@ -153,7 +153,7 @@ def suggest(root: type[BaseModel], loc: list[str]) -> str | None:
 
 # ---- the loader -------------------------------------------------------------------------------
 def load_config(cls: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-         section: str | None = None, values: Mapping[str, Any] | None = None) -> M:
+                section: str | None = None, values: Mapping[str, Any] | None = None) -> M:
     """The one loader: YAML file -> `--set` overrides -> `values` (dotted key -> value, None skipped)
     -> `cls`. With `section`, the file is a whole RunConfig mapping and `cls` validates only
     `file[section]`; every key (overrides and values) must then start with `section.`."""
