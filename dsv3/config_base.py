@@ -191,6 +191,19 @@ def config_error_exit(e: ConfigError, prog: str = "dsv3") -> int:
     return 2
 
 
+def run_command(parser: Any, argv: list[str] | None, prog: str = "dsv3") -> int:
+    """Parse `argv` and run the chosen sub-command's `func`; help and 2 when none was chosen,
+    `config_error_exit` on a ConfigError."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        return config_error_exit(e, prog)
+
+
 # ---- views ------------------------------------------------------------------------------------
 def flatten(obj: Mapping | BaseModel, prefix: str = "") -> dict[str, Any]:
     """Dotted-key view of a nested mapping or pydantic model: {"train.steps": 3, ...}."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dsv3.config_base import config_error_exit, load_config
+from dsv3.config_base import load_config, run_command
 from dsv3.data.config import DataConfig
 from dsv3.data.report import format_stats
-from dsv3.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -109,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dsv3.data.cli")
     register(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(["data", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(a.func(a) or 0)
-    except ConfigError as e:
-        return config_error_exit(e)
+    return run_command(parser, ["data", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
