@@ -1,6 +1,6 @@
 """Data pipeline throughput (DeepSeek-V3 §4.1 curation), printed, never pass/fail.
 
-1. Whole curation (ingest -> ... -> split, `dsv3.data.pipeline.curate`) on the built-in
+1. Whole curation (ingest -> ... -> split, `dsv3.data.curate.curate`) on the built-in
    corpus (the running Python's stdlib, `--mb` MB) in-process and on a local Ray cluster
    with 1 and 2 workers: documents/s and MB/s (Ray start-up excluded, tasks included).
 2. Near dedup alone (MinHash signatures + LSH + clustering, 14 bands x 8 rows, 5-gram
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from dsv3.data import dedup  # noqa: E402
 from dsv3.data.config import DataConfig  # noqa: E402
-from dsv3.data.pipeline import curate, make_mapper, read_split  # noqa: E402
+from dsv3.data.curate import curate, make_mapper, read_split  # noqa: E402
 
 DT_DIR = ROOT / ".venv" / "datatrove-pkgs"
 

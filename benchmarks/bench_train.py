@@ -1,9 +1,9 @@
-"""Training benchmarks (issue 4 point 9): prints figures, never pass/fail.
+"""Training benchmarks: prints figures, never pass/fail.
 
 1. tokens/s and MFU per precision (fp32, bf16, fp8) on one process, MFU against a
    matmul peak measured in the same run (fp32 peak for fp32, bf16 peak otherwise);
 2. FP8 vs BF16 loss gap after N steps from the same init and data (the paper reports
-   < 0.25% relative; the issue's acceptance is on `small` with >= 200 steps:
+   < 0.25% relative; the acceptance bar is on `small` with >= 200 steps:
    `--gap-preset small --gap-steps 200`, which takes hours on a 2-core CPU);
 3. resume determinism: 6 steps straight vs 3 + resume, CPU fp32, 1 thread: bitwise?
 

@@ -4,7 +4,8 @@
 (torch model, MLflow, Ray) are imported lazily so that `import dsv3` stays cheap.
 """
 
-from dsv3.model.config import ConfigError, ModelConfig
+from dsv3.errors import ConfigError
+from dsv3.model.config import ModelConfig
 
 __all__ = ["DeepSeekV3", "ModelConfig", "ConfigError", "RunConfig"]
 __version__ = "0.1.0"

@@ -2,24 +2,27 @@
 
 A run is described by `RunConfig` (pydantic): `model` (ModelConfig, or a preset name
 plus overrides), `data`, `train`, `parallel`, `eval`, `posttrain`, `tracking`. It is
-loaded from YAML under `configs/` plus `--set a.b=c` overrides, validated with errors
-that name the dotted key, passed as the Prefect flow parameter, mirrored into
-`params.yaml` for DVC (`write_params`) and logged whole to MLflow (`flatten`).
-Each field is defined once, in the component's own config class.
+loaded from YAML under `configs/` plus `--set a.b=c` overrides by the one loader of
+`dsv3.config_base` (errors name the dotted key, with "did you mean"), passed as the Prefect
+flow parameter, mirrored into `params.yaml` for DVC (`write_params`) and logged whole to
+MLflow (`flatten`). Each field is defined once, in the component's own config class; this
+module and those `*/config.py` modules sit at the bottom of the layering with
+`dsv3.config_base` and `dsv3.errors` (they import nothing else from dsv3).
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsv3 import config_base
+from dsv3.config_base import apply_override, format_errors  # noqa: F401  (their old home)
 from dsv3.data.config import DataConfig
+from dsv3.errors import ConfigError  # noqa: F401  (re-exported)
 from dsv3.evals.config import EvalConfig
-from dsv3.model.config import PRESETS, ConfigError, ModelConfig
+from dsv3.model.config import PRESETS, ModelConfig
 from dsv3.parallel.config import ParallelConfig
 from dsv3.posttrain.config import PostTrainConfig
 from dsv3.train.config import TrainConfig
@@ -58,94 +61,22 @@ class RunConfig(BaseModel):
                 d = {**d, "model": {**PRESETS[preset], **(m or {})}}
         return d
 
-    # ---- loading -------------------------------------------------------------------
+    # ---- loading (dsv3.config_base: the one loader, error format and flattener) ------------
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
-        d: dict = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            try:
-                d = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: invalid YAML ({e})") from None
-            if not isinstance(d, dict):
-                raise ConfigError(f"{p}: top level must be a mapping")
-        for ov in overrides or []:
-            apply_override(d, ov)
-        return cls.from_dict(d)
+        """YAML file (optional) + `--set a.b=c` overrides -> RunConfig; ConfigError naming the key."""
+        return config_base.load_config(cls, path, overrides or ())
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        try:
-            return cls(**d)
-        except ValidationError as e:
-            raise ConfigError(format_errors(e, cls)) from None
+        return config_base.validate_config(cls, d)
 
     def flatten(self) -> dict[str, Any]:
-        """Dotted-key view for MLflow params."""
-        out: dict[str, Any] = {}
+        """Dotted-key view for MLflow params (`dsv3.config_base.flatten`)."""
+        return config_base.flatten(self)
 
-        def walk(prefix: str, v: Any) -> None:
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), x)
-            else:
-                out[prefix] = v
-
-        walk("", self.model_dump(mode="json"))
-        return out
-
-    def write_params(self, path: str | Path = "params.yaml") -> None:
-        """Mirror the config into params.yaml for DVC."""
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
-
-
-def apply_override(d: dict, override: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key.path=value")
-    key, raw = override.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node = d
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def format_errors(e: ValidationError, root: type[BaseModel]) -> str:
-    parts = []
-    for err in e.errors():
-        loc = [str(x) for x in err["loc"]]
-        key = ".".join(loc) or "config"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-            hint = _suggest(root, loc)
-            if hint:
-                msg += f" (did you mean {hint!r}?)"
-        parts.append(f"{key}: {msg}")
-    return "invalid config: " + "; ".join(parts)
-
-
-def _suggest(root: type[BaseModel], loc: list[str]) -> str | None:
-    model: Any = root
-    for p in loc[:-1]:
-        f = getattr(model, "model_fields", {}).get(p)
-        if f is None:
-            return None
-        ann = f.annotation
-        args = getattr(ann, "__args__", None) or (ann,)
-        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            return None
-    close = difflib.get_close_matches(loc[-1], list(getattr(model, "model_fields", {})), n=1)
-    return ".".join(loc[:-1] + close) if close else None
+    def write_params(self, path: str | Path = "params.yaml", sections: list[str] | None = None) -> None:
+        """Mirror the config (the named sections; default all) into params.yaml for DVC, leaving
+        the file's other sections and comments as they are (`dsv3.config_base.write_params`)."""
+        names = sections if sections is not None else list(type(self).model_fields)
+        config_base.write_params(path, {n: getattr(self, n) for n in names})

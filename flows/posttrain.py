@@ -1,13 +1,15 @@
 """Prefect flow `posttrain`: SFT data -> SFT -> reward model -> GRPO (-> distillation) (DeepSeek-V3 §5).
 
-Thin by design (DESIGN.md): each task calls one `dsv3.posttrain.pipeline` stage and passes
+Thin by design: each task calls one `dsv3.posttrain.stages` function and passes
 checkpoint URIs and MLflow run ids on. MLflow: one parent run `posttrain` with a child run
 per stage (sft_data, sft, reward, grpo, distill); the final model is registered as
 `<tracking.registered_model>-chat`. The flow parameter is the whole `RunConfig`.
 
-Start point, first found: `--init` / `posttrain.init` (path, runs:/, models:/), the latest
-verified pretraining checkpoint under `train.out_dir`, else a fresh model of the preset
-with a tokenizer trained on the generated data (so `make posttrain` runs anywhere on CPU).
+Start point (`stages.find_init`), first found: `--init` / `posttrain.init` (path, runs:/,
+models:/), the latest verified pretraining checkpoint under `train.out_dir`, else a fresh
+model of the preset with a tokenizer trained on the generated data (so `make posttrain` runs
+anywhere on CPU). Without `--config` the run is the `tiny` preset with the post-training
+defaults; `configs/posttrain_tiny.yaml` is a few steps of each stage.
 
     python -m flows.posttrain [--config configs/posttrain_tiny.yaml] [--set k=v ...] [--init URI]
 """
@@ -25,47 +27,36 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 
 from dsv3.config import RunConfig  # noqa: E402
-from dsv3.posttrain import pipeline  # noqa: E402
-
-
-def find_init(cfg: RunConfig, out: Path) -> str:
-    if cfg.posttrain.init:
-        return cfg.posttrain.init
-    try:
-        from dsv3.train.checkpoint import latest
-
-        ck = latest(Path(cfg.train.out_dir) / "checkpoints")
-        if ck is not None and (Path(ck) / "model" / "tokenizer.json").is_file():
-            return str(Path(ck) / "model")
-    except Exception:  # noqa: BLE001 - no pretraining run yet
-        pass
-    return pipeline.fresh_init(cfg, out / "init", seed=cfg.posttrain.sft.seed)
+from dsv3.config_base import config_error_exit  # noqa: E402
+from dsv3.errors import ConfigError  # noqa: E402
+from dsv3.posttrain import stages  # noqa: E402
+from dsv3.posttrain.report import summary  # noqa: E402
 
 
 @task
 def data_task(cfg, pid):
-    return pipeline.stage_data(cfg, parent_run_id=pid)
+    return stages.stage_data(cfg, parent_run_id=pid)
 
 
 @task
 def sft_task(cfg, init, data, out, pid):
-    return pipeline.stage_sft(cfg, init, data, out, parent_run_id=pid)
+    return stages.stage_sft(cfg, init, data, out, parent_run_id=pid)
 
 
 @task
 def reward_task(cfg, init, data, out, pid):
-    return pipeline.stage_reward(cfg, init, data, out, parent_run_id=pid)
+    return stages.stage_reward(cfg, init, data, out, parent_run_id=pid)
 
 
 @task
 def grpo_task(cfg, init, out, rm, pid):
-    r = pipeline.stage_grpo(cfg, init, out, rm_uri=rm, parent_run_id=pid)
+    r = stages.stage_grpo(cfg, init, out, rm_uri=rm, parent_run_id=pid)
     return {k: v for k, v in r.items() if k != "history"}
 
 
 @task
 def distill_task(cfg, student, teacher, data, out, pid):
-    return pipeline.stage_distill(cfg, student, teacher, data, out, parent_run_id=pid)
+    return stages.stage_distill(cfg, student, teacher, data, out, parent_run_id=pid)
 
 
 @flow(name="posttrain", log_prints=True)
@@ -84,7 +75,7 @@ def posttrain_flow(cfg: RunConfig, init: str | None = None) -> dict:
     res: dict = {}
     with tracking.start_run(cfg, "posttrain", run_name=f"{cfg.name}-posttrain", tags=tags) as parent:
         pid = res["run_id"] = parent.info.run_id
-        start = init or find_init(cfg, out)
+        start = init or stages.find_init(cfg, out)
         tracking.set_tags({"parent_checkpoint": start})
         data = res["data"] = data_task(cfg, pid)
         sft = res["sft"] = sft_task(cfg, start, data, str(out / "sft"), pid)
@@ -109,22 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--init", default=None, help="pretrained checkpoint URI")
     a = ap.parse_args(argv)
-    from dsv3.model.config import ConfigError
-
     try:
         sets = a.set if a.config else ["preset=tiny", *a.set]
         cfg = RunConfig.load(a.config, sets)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return config_error_exit(e, "flows.posttrain")
     t0 = time.time()
     r = posttrain_flow(cfg, init=a.init)
-    g = r["grpo"]
-    print(f"\nposttrain finished in {(time.time() - t0) / 60:.1f} min; MLflow parent run {r['run_id']}")
-    print(f"SFT val/loss {r['sft']['val/loss_before']:.3f} -> {r['sft']['val/loss']:.3f}; "
-          f"reward model held-out pair acc {r['reward']['val/pair_acc']:.2f}; "
-          f"GRPO reward {g['reward_first']:.3f} -> {g['reward_last']:.3f}")
-    print(f"final model {r['final']} registered as {r['model_uri']}")
+    print(summary(r, time.time() - t0))
     return 0
 
 

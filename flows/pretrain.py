@@ -1,6 +1,6 @@
 """Prefect flow `pretrain`: data flow -> pretraining on Ray Train -> YaRN context extension.
 
-Thin by design (DESIGN.md): each task calls one dsv3 function and passes MLflow run ids
+Thin by design: each task calls one dsv3 function and passes MLflow run ids
 and checkpoint URIs on. The flow parameter is the whole `RunConfig` (a form in the
 Prefect UI). MLflow: one parent run `pipeline` with child runs `pretrain` and `extend`
 (whose stages are its children); the data flow logs its own `data` run, linked by tag.
@@ -21,6 +21,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 
 from dsv3.config import RunConfig  # noqa: E402
+from dsv3.config_base import config_error_exit  # noqa: E402
+from dsv3.errors import ConfigError  # noqa: E402
+from dsv3.train.report import summary  # noqa: E402
 
 
 @task
@@ -78,35 +81,6 @@ def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, e
     return out
 
 
-def summary(res: dict, elapsed: float) -> str:
-    from dsv3.tracking import tracking_uri
-
-    pre, ext = res["pretrain"], res.get("extend")
-    final = ext or pre
-    lines = [
-        "", "=" * 72, f"pretrain flow finished in {elapsed / 60:.1f} min",
-        f"MLflow parent run: {res['run_id']}   (pretrain run {pre.get('run_id')}"
-        + (f", extend run {ext.get('run_id')})" if ext else ")"),
-        f"final val/loss {pre['final'].get('val/loss', float('nan')):.4f}  val/bpb "
-        f"{pre['final'].get('val/bpb', float('nan')):.4f}",
-    ]
-    if ext:
-        lines.append(f"passkey token accuracy (lengths x depths) before {ext['passkey_before']} "
-                     f"after {ext['passkey_after']}")
-        lines.append(f"val loss by context length before {ext.get('val_loss_by_length_before')} "
-                     f"after {ext.get('val_loss_by_length_after')}")
-    lines += [
-        f"pretrain checkpoint: {pre['checkpoint']}",
-        f"final checkpoint:    {final['checkpoint']}",
-        f"final model (HF):    {final['model_dir']}"
-        + (f"  registered as models:/dsv3/{final.get('model_version')}" if final.get("model_version") else ""),
-        f"MLflow UI:  make mlflow-ui   (mlflow ui --backend-store-uri {tracking_uri()}) -> http://127.0.0.1:5000",
-        "Prefect UI: make prefect-ui  (prefect server start) -> http://127.0.0.1:4200",
-        "=" * 72,
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pretrain", description=pretrain_flow.__doc__)
     ap.add_argument("--config", default="configs/pretrain_small.yaml")
@@ -114,13 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-data", action="store_true", help="skip the data flow (shards must exist)")
     ap.add_argument("--no-ray", action="store_true", help="train in-process instead of on Ray Train")
     a = ap.parse_args(argv)
-    from dsv3.model.config import ConfigError
-
     try:
         cfg = RunConfig.load(a.config, a.set)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return config_error_exit(e, "flows.pretrain")
     t0 = time.time()
     res = pretrain_flow(cfg, run_data=not a.no_data, use_ray=not a.no_ray, repo=str(Path.cwd()))
     print(summary(res, time.time() - t0))

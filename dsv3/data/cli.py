@@ -1,62 +1,40 @@
 """`dsv3 data ...`: curate sources, print accounting, validate, and the DVC stage entry points.
 
-    dsv3 data curate SOURCE... --out DIR [--workers N] [--ray-address A] [--params params.yaml] [--set k=v]
+    dsv3 data curate SOURCE... --out DIR [--workers N] [--ray-address A] [--params FILE] [--set data.k=v]
     dsv3 data stats DIR
     dsv3 data validate DIR            (Great Expectations suites; non-zero exit on failure)
     python -m dsv3.data.cli stage {curate,tokenizer,shards} [--params params.yaml]   (dvc.yaml)
-Parameters come from params.yaml's `data:` section (DataConfig), then CLI flags / `--set`.
+Parameters: the `data:` section (DataConfig) of `--params` (a RunConfig-shaped YAML; default
+params.yaml when present, `none` for none), then `--set data.k=v`, then the flags; loaded by
+`dsv3.config_base.load_config` like every other entry point.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from dsv3.config_base import load_config, run_command
 from dsv3.data.config import DataConfig
+from dsv3.data.report import format_stats
+
+DEFAULT_PARAMS = "params.yaml"
 
 
-def load_config(params: str | None = None, overrides: list[str] | None = None, **fields) -> DataConfig:
-    from dsv3.config import apply_override, format_errors
-    from dsv3.model.config import ConfigError
-    from pydantic import ValidationError
-
-    d: dict = {}
-    if params and Path(params).is_file():
-        d = (yaml.safe_load(Path(params).read_text()) or {}).get("data", {}) or {}
-    for ov in overrides or []:
-        apply_override(d, ov)
-    d.update({k: v for k, v in fields.items() if v is not None})
-    try:
-        return DataConfig(**d)
-    except ValidationError as e:
-        raise ConfigError(format_errors(e, DataConfig).replace("invalid config: ", "invalid config: data.")) from None
-
-
-def format_stats(out: str | Path) -> str:
-    out = Path(out)
-    p = out / "stats.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"no stats.json in {out}")
-    s = json.loads(p.read_text())
-    lines = [f"input documents: {s['input']}  ({s['input_bytes']} bytes)"]
-    for k, v in s["buckets"].items():
-        lines.append(f"  {k:<32} {v:>8}  {100 * v / max(1, s['input']):6.2f}%")
-    ok = sum(s["buckets"].values()) == s["input"]
-    lines.append(f"  {'sum of buckets':<32} {sum(s['buckets'].values()):>8}  ({'= input' if ok else 'MISMATCH'})")
-    for name in ("tokenizer_stats.json", "shards_stats.json"):
-        if (out / name).is_file():
-            lines.append(f"{name}: {(out / name).read_text().strip()}")
-    return "\n".join(lines)
+def load_data_config(params: str | None = None, overrides: list[str] | tuple[str, ...] = (), **fields) -> DataConfig:
+    """DataConfig from the `data:` section of `params` (None: params.yaml if present; "none": no
+    file), `--set data.k=v` overrides and flag values (`fields`, None = not given)."""
+    if params is None:
+        params = DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else "none"
+    path = None if params == "none" else params
+    return load_config(DataConfig, path, overrides, section="data", values={f"data.{k}": v for k, v in fields.items()})
 
 
 def _curate(a) -> int:
-    from dsv3.data.pipeline import run_all
+    from dsv3.data.curate import run_all
     from dsv3.data.sources import DataSourceError
 
-    cfg = load_config(a.params, a.set, sources=a.sources or None, workers=a.workers, ray_address=a.ray_address)
+    cfg = load_data_config(a.params, a.set, sources=a.sources or None, workers=a.workers, ray_address=a.ray_address)
     try:
         run_all(cfg, a.out)
     except DataSourceError as e:
@@ -84,14 +62,14 @@ def _validate(a) -> int:
 
 
 def _stage(a) -> int:
-    from dsv3.data import pipeline
+    from dsv3.data import curate
 
-    cfg = load_config(a.params, a.set)
+    cfg = load_data_config(a.params, a.set)
     out = a.out or cfg.out_dir
-    fn = {"curate": pipeline.curate, "tokenizer": pipeline.tokenizer_stage, "shards": pipeline.shards_stage}[a.name]
+    fn = {"curate": curate.curate, "tokenizer": curate.tokenizer_stage, "shards": curate.shards_stage}[a.name]
     try:
         fn(cfg, out)
-    except pipeline.AccountingError as e:
+    except curate.AccountingError as e:
         print(f"dsv3 data: {e}", file=sys.stderr)
         return 1
     return 0
@@ -105,8 +83,8 @@ def register(subparsers) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--workers", type=int, default=None, help="run per-document stages on Ray with N workers")
     c.add_argument("--ray-address", default=None)
-    c.add_argument("--params", default="params.yaml", help="params file with a data: section (if present)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dedup.bands=20")
+    c.add_argument("--params", default=None, help="YAML with a data: section (default params.yaml if present; none)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.dedup.bands=20")
     c.set_defaults(func=_curate)
     s = sub.add_parser("stats", help="print the accounting of a curated DIR")
     s.add_argument("dir")
@@ -119,16 +97,18 @@ def register(subparsers) -> None:
     st.add_argument("name", choices=["curate", "tokenizer", "shards"])
     st.add_argument("--params", default="params.yaml")
     st.add_argument("--out", default=None)
-    st.add_argument("--set", action="append", default=[])
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     st.set_defaults(func=_stage)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsv3.data.cli ...` == `dsv3 data ...` (what dvc.yaml's stages call)."""
-    from dsv3.cli import main as dsv3_main
+    import argparse
 
-    return dsv3_main(["data", *(argv if argv is not None else sys.argv[1:])])
+    parser = argparse.ArgumentParser(prog="python -m dsv3.data.cli")
+    register(parser.add_subparsers(dest="command"))
+    return run_command(parser, ["data", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

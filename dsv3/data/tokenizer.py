@@ -3,7 +3,7 @@
 The paper's tokenizer is byte-level BPE (128K vocabulary) with pre-tokenization that mixes
 punctuation and line breaks; here `tokenizers`' ByteLevel pre-tokenizer (GPT-2 regex, no
 prefix space) and a configurable vocabulary (`tokenizer.vocab_size`) trained on the train
-split only. DeepSeek-style special tokens (CONTRACTS.md) take the first ids, so BOS = 0,
+split only. DeepSeek-style special tokens (docs/CONTRACTS.md) take the first ids, so BOS = 0,
 EOS = 1. Saved as `tokenizer.json` + `tokenizer_config.json` + `special_tokens_map.json`,
 loadable by `transformers.PreTrainedTokenizerFast`; `load_tokenizer` sets bos/eos/pad.
 """
@@ -56,7 +56,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerCon
 
 
 def load_tokenizer(path_or_dir: str | Path):
-    """A `transformers.PreTrainedTokenizerFast` with bos/eos/pad set (CONTRACTS.md)."""
+    """A `transformers.PreTrainedTokenizerFast` with bos/eos/pad set (docs/CONTRACTS.md)."""
     from transformers import PreTrainedTokenizerFast
 
     p = Path(path_or_dir)

@@ -1,4 +1,7 @@
-"""`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`."""
+"""`dsv3 eval run --ckpt PATH|URI [...]` and `dsv3 eval compare RUN... [--out chart.png]`.
+
+The config is the `eval:` section of `--config` (a RunConfig YAML) with `--set eval.k=v` and the
+flags on top, loaded by `dsv3.config_base.load_config` like every entry point."""
 
 from __future__ import annotations
 
@@ -28,24 +31,21 @@ def register(subparsers) -> None:
 
 def load_eval_config(config: str | None, sets: list[str], tasks: str | None = None, limit: int | None = None,
                      data_dir: str | None = None):
-    from dsv3.config import RunConfig
+    """EvalConfig: the `eval:` section of `config` (a RunConfig YAML), `--set eval.k=v`, then the flags."""
+    from dsv3.config_base import load_config
+    from dsv3.evals.config import EvalConfig
 
-    ov = list(sets)
-    if tasks:
-        ov.append(f"eval.tasks=[{tasks}]")
-    if limit:
-        ov.append(f"eval.limit={limit}")
-    if data_dir:
-        ov.append(f"eval.data_dir={data_dir}")
-    return RunConfig.load(config, ov).eval
+    flags = {"eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+             "eval.limit": limit, "eval.data_dir": data_dir}
+    return load_config(EvalConfig, config, sets, section="eval", values=flags)
 
 
 def _run(a: argparse.Namespace) -> int:
-    from dsv3.evals.runner import evaluate, find_latest_checkpoint
+    from dsv3.evals.runner import evaluate_checkpoint, find_latest_checkpoint
 
     sets = a.set + (["eval.unsafe_no_sandbox=true"] if a.unsafe_no_sandbox else [])
     cfg = load_eval_config(a.config, sets, a.tasks, a.limit, a.data_dir)
-    res = evaluate(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
+    res = evaluate_checkpoint(a.ckpt or find_latest_checkpoint(), cfg, tracking=not a.no_track)
     print(res["table"])
     if res["run_id"]:
         print(f"mlflow run: {res['run_id']}")

@@ -41,6 +41,11 @@ def results_table(runs: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown(ckpt: str, run_id: str | None, table: str) -> str:
+    """The results page of one evaluation (the Prefect artifact)."""
+    return f"# Eval of `{ckpt}`\n\nMLflow run: `{run_id}`\n\n{table}"
+
+
 def run_metrics(run_id: str) -> tuple[str, dict[str, float]]:
     from dsv3.tracking import run_info
 

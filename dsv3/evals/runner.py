@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: lm-eval benchmarks + bits-per-byte, logged to MLflow.
 
-`evaluate(ckpt, cfg)` loads the model once (`DSV3LM`), runs each benchmark with
+`evaluate_checkpoint(ckpt, cfg)` loads the model once (`DSV3LM`), runs each benchmark with
 `lm_eval.simple_evaluate` (offline YAMLs from `evals/tasks/` when a data dir is set), computes
 bits-per-byte on the curated validation shards, and returns a flat metric dict:
 `eval/mmlu/acc`, `eval/mmlu/acc_stderr`, `eval/mmlu/<subject>/acc`, `eval/drop/f1`,
@@ -93,7 +93,7 @@ def summarize(bench: str, res: dict) -> dict[str, float]:
     return out
 
 
-def bits_per_byte(lm, shard_dir: str, split: str = "val", max_tokens: int | None = None,
+def shard_bits_per_byte(lm, shard_dir: str, split: str = "val", max_tokens: int | None = None,
                   seq_len: int = 512) -> dict[str, float]:
     """Bits per UTF-8 byte on a token-shard split: Σ NLL(nats) / (ln 2 · n_bytes).
 
@@ -180,7 +180,7 @@ def run_benchmark(ckpt: str, bench: str, cfg: EvalConfig, out: str | Path) -> di
 
 def run_bpb(ckpt: str, cfg: EvalConfig) -> dict[str, float]:
     lm = get_lm(ckpt, cfg)
-    return bits_per_byte(lm, cfg.bpb_shards, cfg.bpb_split, cfg.bpb_max_tokens, min(cfg.bpb_seq_len, lm.max_length))
+    return shard_bits_per_byte(lm, cfg.bpb_shards, cfg.bpb_split, cfg.bpb_max_tokens, min(cfg.bpb_seq_len, lm.max_length))
 
 
 def finish(ckpt: str, cfg: EvalConfig, metrics: dict[str, float], out: str | Path, tracking: bool = True,
@@ -195,11 +195,16 @@ def finish(ckpt: str, cfg: EvalConfig, metrics: dict[str, float], out: str | Pat
     return table, (_track(ckpt, cfg, metrics, out, run_name) if tracking else None)
 
 
-def evaluate(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True, run_name: str | None = None,
-             out_dir: str | Path | None = None) -> dict[str, Any]:
+def output_dir(out_dir: str | Path | None = None) -> Path:
+    """Where an evaluation writes its results (a fresh temporary directory by default)."""
+    return Path(out_dir or tempfile.mkdtemp(prefix="dsv3-eval-"))
+
+
+def evaluate_checkpoint(ckpt: str, cfg: EvalConfig | None = None, tracking: bool = True,
+                        run_name: str | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the configured benchmarks (+ bpb) on `ckpt`; returns {"metrics", "run_id", "table", ...}."""
     cfg = cfg or EvalConfig()
-    out = Path(out_dir or tempfile.mkdtemp(prefix="dsv3-eval-"))
+    out = output_dir(out_dir)
     metrics: dict[str, float] = {}
     for bench in cfg.tasks:
         metrics.update(run_benchmark(ckpt, bench, cfg, out))

@@ -19,11 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model; the message names the field."""
+from dsv3.config_base import validate_config
+from dsv3.errors import ConfigError  # its old home: `from dsv3.model.config import ConfigError` still works
 
 
 class ModelConfig(BaseModel):
@@ -143,10 +142,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def make(cls, **kw: Any) -> "ModelConfig":
         """Build with errors as ConfigError naming the field."""
-        try:
-            return cls(**kw)
-        except ValidationError as e:
-            raise ConfigError(_format_validation(e)) from None
+        return validate_config(cls, kw, what="ModelConfig")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -292,16 +288,6 @@ _HF_IGNORED = {
     "mlp_bias", "rope_type", "layer_types", "name_or_path", "max_length", "qk_head_dim",
 }
 
-
-def _format_validation(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
-    return "invalid ModelConfig: " + "; ".join(parts)
 
 
 _V3 = dict(

@@ -28,11 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsv3.errors import CheckpointError
 from dsv3.model.config import ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config; the message names the tensor."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

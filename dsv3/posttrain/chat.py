@@ -23,13 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-PAD = "<｜pad｜>"
-FIM = ["<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>"]
-SPECIAL_TOKENS = [BOS, EOS, *FIM, USER, ASSISTANT, PAD]
+from dsv3.data.normalize import SPECIAL_TOKENS  # the tokenizer contract (docs/CONTRACTS.md)
+from dsv3.data.tokenizer import load_tokenizer  # noqa: F401  (the checkpoint's tokenizer, re-exported)
+
+BOS, EOS, *FIM, USER, ASSISTANT, PAD = SPECIAL_TOKENS
 IGNORE = -100
 
 
@@ -124,19 +121,3 @@ def build_chat_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: s
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
-
-
-def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer (dsv3.data's loader when present, else transformers)."""
-    try:
-        from dsv3.data.tokenizer import load_tokenizer as _load
-    except ImportError:
-        _load = None
-    if _load is not None:
-        return _load(path)
-    from transformers import PreTrainedTokenizerFast
-
-    p = Path(path)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    return PreTrainedTokenizerFast(tokenizer_file=str(f), bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=[USER, ASSISTANT, *FIM])

@@ -2,7 +2,7 @@
 
 Every command takes the run config (`--config` YAML + `--set key=value`), an input
 checkpoint URI (path, runs:/, models:/) and an output directory, and is one MLflow run
-(`dsv3.posttrain.pipeline`). `dsv3 sft` generates the SFT data first unless `--data`
+(`dsv3.posttrain.stages`). `dsv3 sft` generates the SFT data first unless `--data`
 points at an existing `sft_train.jsonl` (its `sft_val.jsonl` sibling is the validation set).
 
 `dsv3 sft-data --out DIR` only writes the SFT data (no MLflow run): the programmatic
@@ -24,12 +24,12 @@ def _cfg(a):
 
 
 def _data(cfg, path: str | None) -> dict:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
     if path:
         p = Path(path)
         return {"train": str(p), "val": str(p.with_name("sft_val.jsonl"))}
-    return pipeline.stage_data(cfg)
+    return stages.stage_data(cfg)
 
 
 def _print(res: dict) -> int:
@@ -38,9 +38,9 @@ def _print(res: dict) -> int:
 
 
 def _sft_data(a) -> int:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
-    res = pipeline.generate_sft_data(_cfg(a), a.out, teacher_uri=a.teacher)
+    res = stages.generate_sft_data(_cfg(a), a.out, teacher_uri=a.teacher)
     out = Path(a.out)
     stats = Path(a.stats) if a.stats else out.with_name(out.name + "_stats.json")
     keep = ("n_train", "n_val", "kinds_train", "kinds_val", "sha256", "rejection")
@@ -49,24 +49,24 @@ def _sft_data(a) -> int:
 
 
 def _sft(a) -> int:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
     cfg = _cfg(a)
-    init = a.init or cfg.posttrain.init or pipeline.fresh_init(cfg, Path(a.out) / "init")
-    return _print(pipeline.stage_sft(cfg, init, _data(cfg, a.data), a.out))
+    init = a.init or cfg.posttrain.init or stages.fresh_init(cfg, Path(a.out) / "init")
+    return _print(stages.stage_sft(cfg, init, _data(cfg, a.data), a.out))
 
 
 def _reward(a) -> int:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
     cfg = _cfg(a)
-    return _print(pipeline.stage_reward(cfg, a.init, _data(cfg, a.data), a.out))
+    return _print(stages.stage_reward(cfg, a.init, _data(cfg, a.data), a.out))
 
 
 def _grpo(a) -> int:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
-    res = pipeline.stage_grpo(_cfg(a), a.init, a.out, rm_uri=a.reward_model)
+    res = stages.stage_grpo(_cfg(a), a.init, a.out, rm_uri=a.reward_model)
     for i, h in enumerate(res["history"], 1):
         print(f"step {i:4d} reward {h['grpo/reward_mean']:.3f} kl {h['grpo/kl']:.4f} "
               f"clip {h['grpo/clip_frac']:.3f} len {h['grpo/resp_len']:.1f} entropy {h['grpo/entropy']:.3f}")
@@ -74,12 +74,12 @@ def _grpo(a) -> int:
 
 
 def _distill(a) -> int:
-    from dsv3.posttrain import pipeline
+    from dsv3.posttrain import stages
 
     cfg = _cfg(a)
     if a.mode:
         cfg.posttrain.distill.mode = a.mode
-    return _print(pipeline.stage_distill(cfg, a.init, a.teacher, _data(cfg, a.data), a.out))
+    return _print(stages.stage_distill(cfg, a.init, a.teacher, _data(cfg, a.data), a.out))
 
 
 def register(sub) -> None:

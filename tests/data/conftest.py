@@ -86,7 +86,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def curated(corpus, tmp_path_factory) -> tuple[Path, DataConfig, dict]:
     """The whole pipeline (curate, tokenizer, shards) run once, in-process."""
-    from dsv3.data.pipeline import run_all
+    from dsv3.data.curate import run_all
 
     out = tmp_path_factory.mktemp("out")
     cfg = small_cfg([corpus[0]])

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import make_corpus
-
-DATA_STAGES = ("curate", "tokenizer", "shards")  # flows.data.DATA_STAGES (not imported: prefect is slow to import)
+from dsv3.data.version import DATA_STAGES, data_digest, dir_md5, lock_outs
 
 from ..dvc_helpers import ROOT, dvc, sh
+from .conftest import make_corpus
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,28 @@ def test_dvc_second_repro_is_noop(repo):
     assert '"kept": 11' in flat and '"exact_dup": 1' in flat and "vocab_size" in flat
 
 
+def _lock_md5(repo: Path, out: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return next(o["md5"] for st in lock.values() for o in st.get("outs", []) if o["path"] == out)
+
+
+def test_data_digest_is_dvcs_md5_of_the_shards(repo, tmp_path):
+    want = _lock_md5(repo, "data/shards")
+    assert want.endswith(".dir")
+    assert data_digest(repo / "data" / "shards", repo) == want  # through dvc.lock
+    assert dir_md5(repo / "data" / "shards") == want  # computed from the files: DVC's own value
+    copy = tmp_path / "data" / "shards"  # outside any DVC repo: computed, same value
+    shutil.copytree(repo / "data" / "shards", copy)
+    assert data_digest(copy, tmp_path) == want
+    shutil.copy(repo / "dvc.lock", tmp_path / "dvc.lock")  # a lock that no longer matches the files
+    with open(copy / "val.bin", "ab") as f:
+        f.write(b"\0\0")
+    changed = data_digest(copy, tmp_path)
+    assert changed != want and changed == dir_md5(copy)
+    outs = lock_outs(repo)
+    assert set(outs) == {"data/curated", "data/tokenizer", "data/shards"} and outs["data/shards"] == want
+
+
 def test_dvc_tokenizer_param_reruns_only_tokenizer_and_later(repo):
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"]["tokenizer"]["vocab_size"] = 300
@@ -82,14 +103,13 @@ def test_prefect_flow_logs_version_and_stats(repo, prefect_harness, tmp_path, mo
     import mlflow
     from prefect.client.orchestration import get_client
 
-    from flows.data import DATA_STAGES as flow_stages
-    from flows.data import data_flow, data_version
+    from flows.data import data_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
     res = data_flow(repo=str(repo))
-    digest, outs = data_version(repo)
-    assert res["digest"] == digest and set(outs) == {"data/curated", "data/tokenizer", "data/shards"}
-    assert flow_stages == DATA_STAGES
+    digest = _lock_md5(repo, "data/shards")
+    assert res["digest"] == digest and res["outs"] == lock_outs(repo)
+    assert res["metrics"]["data/train/tokens"] > 0
     assert res["validation"]["success"] and Path(res["validation"]["docs"].removeprefix("file://")).is_file()
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(res["run_id"])
     assert run.data.tags["dvc_data_digest"] == digest

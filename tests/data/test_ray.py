@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dsv3.data.dedup import content_hash
-from dsv3.data.pipeline import curate
+from dsv3.data.curate import curate
 
 from .conftest import small_cfg
 

@@ -1,4 +1,4 @@
-"""evaluate(): benchmarks + bits-per-byte logged to MLflow on an eval run linked to the
+"""evaluate_checkpoint(): benchmarks + bits-per-byte logged to MLflow on an eval run linked to the
 checkpoint's training run; `dsv3 eval compare` prints a table and writes a PNG."""
 
 import math
@@ -31,7 +31,7 @@ def test_evaluate_logs_to_mlflow_linked_run_and_compare(store, tiny_ckpt, tiny_d
     from dsv3 import tracking
     from dsv3.data.shards import write_split
     from dsv3.evals.cli import _compare
-    from dsv3.evals.runner import evaluate, source_run_id
+    from dsv3.evals.runner import evaluate_checkpoint, source_run_id
     from dsv3.evals.tasks import PRIMARY
 
     # a "training run" that registered the checkpoint
@@ -49,7 +49,7 @@ def test_evaluate_logs_to_mlflow_linked_run_and_compare(store, tiny_ckpt, tiny_d
     cfg = EvalConfig(tasks=["mmlu", "drop", "humaneval"], limit=2, data_dir=str(tiny_data), max_gen_toks=8,
                      mmlu_subjects=["anatomy", "abstract_algebra"], batch_size=8, bpb_shards=str(store / "shards"),
                      bpb_seq_len=64)
-    res = evaluate(uri, cfg, run_name="eval-a")
+    res = evaluate_checkpoint(uri, cfg, run_name="eval-a")
     m = res["metrics"]
     assert res["offline"] and res["run_id"]
     for key in ("eval/mmlu/acc", "eval/mmlu/anatomy/acc", "eval/mmlu/anatomy/acc_stderr", "eval/drop/em",
@@ -70,7 +70,7 @@ def test_evaluate_logs_to_mlflow_linked_run_and_compare(store, tiny_ckpt, tiny_d
     assert set(PRIMARY) <= {k.split("/")[1] for k in m}
 
     # second run from a plain directory path: an unlinked eval run; then compare both
-    res2 = evaluate(str(tiny_ckpt), cfg.model_copy(update={"tasks": ["mmlu"], "bpb_shards": None}),
+    res2 = evaluate_checkpoint(str(tiny_ckpt), cfg.model_copy(update={"tasks": ["mmlu"], "bpb_shards": None}),
                     run_name="eval-b")
     assert "mlflow.parentRunId" not in tracking.run_info(res2["run_id"]).data.tags
 

@@ -3,15 +3,7 @@ and the `dsv3 grpo` command."""
 
 import pytest
 
-TINY = [
-    "preset=tiny", "name=t", "posttrain.data.n_arithmetic=60", "posttrain.data.n_algebra=10",
-    "posttrain.data.n_code=4", "posttrain.data.val_fraction=0.1", "posttrain.data.samples_per_prompt=2",
-    "posttrain.data.max_new_tokens=8", "posttrain.sft.max_steps=4", "posttrain.sft.batch_size=8",
-    "posttrain.reward.rm_pairs=24", "posttrain.reward.rm_epochs=1", "posttrain.reward.rm_batch_size=8",
-    "posttrain.reward.model_weight=0.5", "posttrain.grpo.steps=2", "posttrain.grpo.prompts_per_step=2",
-    "posttrain.grpo.group_size=2", "posttrain.grpo.max_new_tokens=6", "posttrain.distill.enabled=true",
-    "posttrain.distill.mode=both", "posttrain.distill.steps=2", "posttrain.distill.batch_size=4",
-]
+TINY = "configs/posttrain_tiny.yaml"  # the tiny preset, a few steps of every stage
 
 
 @pytest.fixture
@@ -27,8 +19,8 @@ def test_posttrain_flow_end_to_end(tmp_path, mlflow_uri, prefect_harness):
     from dsv3.config import RunConfig
     from flows.posttrain import posttrain_flow
 
-    cfg = RunConfig.load(None, TINY + [f"posttrain.out_dir={tmp_path}/pt", f"posttrain.data.out_dir={tmp_path}/data",
-                                       f"train.out_dir={tmp_path}/none"])
+    cfg = RunConfig.load(TINY, [f"posttrain.out_dir={tmp_path}/pt", f"posttrain.data.out_dir={tmp_path}/data",
+                                f"train.out_dir={tmp_path}/none"])
     res = posttrain_flow(cfg)
     assert res["model_uri"] == "models:/dsv3-chat/1"
     assert (tmp_path / "data" / "sft_train.jsonl").is_file() and (tmp_path / "data" / "sft_train.meta.json").is_file()
@@ -52,9 +44,7 @@ def test_posttrain_flow_end_to_end(tmp_path, mlflow_uri, prefect_harness):
 def test_cli_grpo_and_sft(tmp_path, mlflow_uri, sft_result, capsys):
     from dsv3.cli import main
 
-    sets = []
-    for s in TINY:
-        sets += ["--set", s]
+    sets = ["--config", TINY]
     rc = main(["grpo", "--init", str(sft_result["ckpt"]), "--out", str(tmp_path / "g"), *sets])
     assert rc == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Expert-parallel pretraining (§3.2.2, issue 7 point 4): `parallel.dp=2, parallel.ep=2` shards the routed
+"""Expert-parallel pretraining (§3.2.2): `parallel.dp=2, parallel.ep=2` shards the routed
 experts over the 2 ranks and gives the per-step losses, gradient norms and final weights of the plain
 dp=2 run (aux_loss_alpha > 0, MTP on; bias updates from global loads); node-limited routing (max_nodes=1
 over 2 one-rank nodes) equals the plain run with n_group=2, topk_group=1; fp8 works with EP (looser

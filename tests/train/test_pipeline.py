@@ -1,4 +1,4 @@
-"""Pipeline-parallel pretraining (§3.2.1, issue 7 point 5): `parallel.pp=2` runs the same loop with the
+"""Pipeline-parallel pretraining (§3.2.1): `parallel.pp=2` runs the same loop with the
 model split into stages, and its per-step losses (total = main + λ·MTP + balance, with the config's
 aux_loss_alpha; and each component) and final weights match the non-pipelined run within fp32 tolerance.
 DualPipe on a local Ray cluster with 2 CPU workers (MLflow: bubble metrics and the Gantt chart);

@@ -49,6 +49,22 @@ def fresh_init(run_cfg, out_dir: str | Path, seed: int = 0) -> str:
     return _save(DeepSeekV3(mcfg), tok, Path(out_dir))
 
 
+def find_init(run_cfg, out: Path) -> str:
+    """The chain's start point, first found: `posttrain.init`, the newest verified pretraining
+    checkpoint under `train.out_dir` that carries a tokenizer, else `fresh_init` under out/init."""
+    if run_cfg.posttrain.init:
+        return run_cfg.posttrain.init
+    try:
+        from dsv3.train.checkpoint import latest
+
+        ck = latest(Path(run_cfg.train.out_dir) / "checkpoints")
+        if ck is not None and (Path(ck) / "model" / "tokenizer.json").is_file():
+            return str(Path(ck) / "model")
+    except Exception:  # noqa: BLE001 - no pretraining run yet
+        pass
+    return fresh_init(run_cfg, Path(out) / "init", seed=run_cfg.posttrain.sft.seed)
+
+
 def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: str | None = None) -> dict:
     """Generate the SFT data (optionally rejection-sampled from a teacher) as JSONL + provenance.
 

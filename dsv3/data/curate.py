@@ -88,6 +88,21 @@ def _write_jsonl(path: Path, rows) -> int:
     return n
 
 
+def assign_splits(kept: list[dict], cfg: DataConfig) -> dict[str, list[dict]]:
+    """Each document's split (`split_of` its content hash, written into d["split"]); never an empty
+    val split when a val fraction is asked for and there are two documents or more."""
+    split_rows: dict[str, list[dict]] = {"train": [], "val": []}
+    for d in kept:
+        d["split"] = split_of(d["hash"], cfg)
+        split_rows[d["split"]].append(d)
+    if not split_rows["val"] and cfg.split.val_fraction > 0 and len(kept) > 1:
+        d = min(split_rows["train"], key=lambda x: x["hash"])
+        split_rows["train"].remove(d)
+        d["split"] = "val"
+        split_rows["val"].append(d)
+    return split_rows
+
+
 def curate(cfg: DataConfig, out: str | Path, mapper: Callable | None = None) -> dict:
     """Stage `curate`: sources -> OUT/curated/*.jsonl + OUT/stats.json; returns the stats."""
     t0 = time.time()
@@ -146,15 +161,7 @@ def curate(cfg: DataConfig, out: str | Path, mapper: Callable | None = None) -> 
         st["decontaminated"] = sum(x is not None for x in res)
         stages["decontam"] = dict(st)
         drop(res, "decontaminated")
-    split_rows = {"train": [], "val": []}
-    for d in kept:
-        d["split"] = split_of(d["hash"], cfg)
-        split_rows[d["split"]].append(d)
-    if not split_rows["val"] and cfg.split.val_fraction > 0 and len(kept) > 1:  # never an empty val split
-        d = min(split_rows["train"], key=lambda x: x["hash"])
-        split_rows["train"].remove(d)
-        d["split"] = "val"
-        split_rows["val"].append(d)
+    split_rows = assign_splits(kept, cfg)
     buckets["kept"] = len(kept)
     for s, rows in split_rows.items():
         _write_jsonl(cur / f"{s}.jsonl", rows)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dsv3.data.fim import fim_invert
-from dsv3.data.pipeline import read_split
+from dsv3.data.curate import read_split
 from dsv3.data.shards import TokenShards
 from dsv3.data.tokenizer import load_tokenizer
 
@@ -48,7 +48,7 @@ def test_accounting_identity_and_planted_buckets(curated, corpus):
 
 
 def test_split_is_deterministic(curated, tmp_path):
-    from dsv3.data.pipeline import curate
+    from dsv3.data.curate import curate
 
     out, cfg, _ = curated
     curate(cfg, tmp_path)
@@ -93,8 +93,8 @@ def test_cli_curate_and_stats(corpus, tmp_path, capsys):
 
     root, _ = corpus
     rc = main(["data", "curate", str(root / "doc*.txt"), str(root / "mixed.jsonl"), "--out", str(tmp_path),
-               "--params", "none", "--set", "source.max_doc_bytes=8000", "--set", "tokenizer.vocab_size=300",
-               "--set", "decontam.paths=[]"])
+               "--params", "none", "--set", "data.source.max_doc_bytes=8000", "--set", "data.tokenizer.vocab_size=300",
+               "--set", "data.decontam.paths=[]"])
     assert rc == 0
     assert (tmp_path / "shards" / "index.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     capsys.readouterr()
@@ -102,7 +102,8 @@ def test_cli_curate_and_stats(corpus, tmp_path, capsys):
     txt = capsys.readouterr().out
     assert "rejected:malformed_json" in txt and "(= input)" in txt and "input documents: 14" in txt
     assert main(["data", "stats", str(tmp_path / "missing")]) == 2
-    assert main(["data", "curate", "--out", str(tmp_path), "--params", "none", "--set", "dedup.bandz=3"]) == 2
+    assert main(["data", "curate", "--out", str(tmp_path), "--params", "none", "--set", "data.dedup.bandz=3"]) == 2
+    assert "data.dedup.bandz: unknown key (did you mean 'data.dedup.bands'?)" in capsys.readouterr().err
 
 
 def test_hf_source_offline_clear_error(tmp_path):
