@@ -44,17 +44,17 @@ def test_humaneval_refused_without_mechanism_before_loading(case, tiny_ckpt, mon
     d, mark = case
     monkeypatch.setenv(ENV_MECHANISMS, "none")
     with pytest.raises(SandboxUnavailable) as e:
-        runner.evaluate(str(tiny_ckpt), _cfg(d / "data"))
+        runner.evaluate_checkpoint(str(tiny_ckpt), _cfg(d / "data"))
     assert "bubblewrap (bwrap)" in str(e.value) and UNSAFE_FLAG in str(e.value)
     assert not runner._LM_CACHE  # refused before the model was loaded or anything generated
-    res = runner.evaluate(str(tiny_ckpt), _cfg(d / "data").model_copy(update={"tasks": []}), tracking=False)
+    res = runner.evaluate_checkpoint(str(tiny_ckpt), _cfg(d / "data").model_copy(update={"tasks": []}), tracking=False)
     assert res["metrics"] == {}  # an eval without HumanEval needs no sandbox
 
 
 @pytest.mark.slow
 def test_humaneval_runs_sandboxed_and_tags_the_run(case, tiny_ckpt):
     d, mark = case
-    res = runner.evaluate(str(tiny_ckpt), _cfg(d / "data"))
+    res = runner.evaluate_checkpoint(str(tiny_ckpt), _cfg(d / "data"))
     assert res["metrics"]["eval/humaneval/pass_at_1"] == 1.0  # the program ran ...
     assert not os.path.exists(mark)  # ... in the sandbox: its /tmp was private
     tags = tracking.run_info(res["run_id"]).data.tags
