@@ -211,11 +211,31 @@ def log_dataset_input(digest: str, name: str, source: str, context: str = "train
 
 
 def register_model(model_dir: str | Path, name: str, artifact_path: str = "model") -> str:
-    """Register an HF-format directory as a pyfunc stage model of the active run; the version.
+    """Register an HF-format directory from the active run; returns the version.
 
-    Kept for existing callers: `registry.register_stage_model` with lineage tags read from the
-    run and alias `candidate` (`artifact_path` is unused: the HF folder lives in the model)."""
-    return register_stage_model(model_dir, name).version
+    Kept for existing callers. A full stage model (config, safetensors, tokenizer) goes through
+    `registry.register_stage_model` (pyfunc logged model, lineage tags, alias `candidate`);
+    a directory without a tokenizer cannot be a text-in/text-out model, so it is logged under
+    `artifact_path` and registered as a plain folder, with a warning saying so."""
+    import warnings
+
+    from dsv3.tracking.pyfunc_model import check_hf_dir
+
+    try:
+        check_hf_dir(model_dir)
+    except FileNotFoundError as e:
+        warnings.warn(f"{e}: registering {name} as a plain folder, not an MLflow model", stacklevel=2)
+    else:
+        return register_stage_model(model_dir, name).version
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model needs an active run")
+    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    client = MlflowClient(tracking_uri())
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(name)  # exists already otherwise
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
 
 
 def resolve_model_uri(uri: str | Path, dst: str | Path | None = None) -> str:

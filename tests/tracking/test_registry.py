@@ -170,3 +170,23 @@ def test_config_digest_is_stable_and_content_addressed():
     shuffled = json.loads(json.dumps(dict(reversed(list(d.items())))))
     assert tracking.config_digest(shuffled) == tracking.config_digest(a.train)
     assert len(tracking.config_digest(a.train)) == 64 and int(tracking.config_digest(a.train), 16) >= 0
+
+
+def test_register_model_keeps_its_signature_and_meaning(store, hf_model, tmp_path):
+    import shutil
+    import warnings
+
+    with tracking.start_run({"x": 1}, stage="pretrain") as run:
+        v = tracking.register_model(hf_model, "dsv3")  # the pre-registry entry point
+        bare = tmp_path / "bare"
+        shutil.copytree(hf_model, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            v2 = tracking.register_model(bare, "dsv3")
+    assert (v, v2) == ("1", "2") and "plain folder" in str(w[-1].message)
+    sm = tracking.model_version("models:/dsv3/1")
+    assert sm.model_id and sm.run_id == run.info.run_id and sm.aliases == ["candidate"]
+    assert MlflowClient().get_model_version("dsv3", "2").source.endswith("/artifacts/model")
+    for uri, src in (("models:/dsv3/1", hf_model), ("models:/dsv3/latest", bare)):
+        d = tracking.resolve_model_uri(uri)
+        assert sorted(os.listdir(d)) == sorted(os.listdir(src)), uri
