@@ -279,8 +279,8 @@ def register_stage_model(model_dir: str | Path, name: str, *, parent_model: str 
     """Log `model_dir` (HF format + tokenizer) as a pyfunc logged model of the active run, register
     it as a new version of `name`, tag its lineage and move `alias` (`candidate`) to it.
 
-    `parent_model`: the model this stage started from (`models:/...@alias` is recorded as the
-    concrete version). `config`: the stage's config section (hashed into `config_digest`).
+    `parent_model`: the model this stage started from: best the concrete `models:/NAME/VERSION`
+    the stage read (`require_stage_model` returns one); an alias is resolved now. `config`: the stage's config section (hashed into `config_digest`).
     `chat`: chat-template prompts by default (default: `name` ends in `-chat`). `step`: the
     run's final step, so the model page shows the metrics logged at it."""
     from dsv3.tracking.pyfunc_model import log_pyfunc
@@ -298,7 +298,8 @@ def register_stage_model(model_dir: str | Path, name: str, *, parent_model: str 
     info = log_pyfunc(model_dir, name, chat=chat, step=step, tags=all_tags)
     client = _client()
     try:
-        client.create_registered_model(name, description=f"dsv3 {stage} model (pyfunc: text in, text out)")
+        client.create_registered_model(name, description=f"dsv3 {stage if stage in STAGES else 'stage'} model "
+                                                         "(pyfunc: prompts in, generated text out)")
     except MlflowException:
         pass  # exists already
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=all_tags,
