@@ -8,7 +8,9 @@ bits-per-byte on the curated validation shards, and returns a flat metric dict:
 Tracking: a new run with stage "eval", nested under the checkpoint's training run when the
 checkpoint came from one (`runs:/<id>/...`, a registered version's run, or the run id in the
 checkpoint's state.json), tagged with the checkpoint URI; params are the EvalConfig, artifacts
-the raw lm-eval results, per-sample JSONL and the markdown results table.
+the raw lm-eval results, per-sample JSONL and the markdown results table. A registered model
+(`models:/NAME/VERSION` or `@alias`) also gets `model_name` / `model_version` tags and its metrics
+on the logged model (`tracking.log_eval_metrics`), so the model's page lists them.
 """
 
 from __future__ import annotations
@@ -39,16 +41,12 @@ def source_run_id(ckpt: str) -> str | None:
     if ckpt.startswith("runs:/"):
         return ckpt[len("runs:/"):].split("/")[0]
     if ckpt.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
+        from dsv3 import tracking
 
-        from dsv3.tracking import tracking_uri
-
-        name, _, ver = ckpt[len("models:/"):].strip("/").partition("/")
-        client = MlflowClient(tracking_uri())
-        if ver in ("", "latest"):
-            vs = client.search_model_versions(f"name='{name}'")
-            return max(vs, key=lambda v: int(v.version)).run_id if vs else None
-        return client.get_model_version(name, ver).run_id
+        try:
+            return tracking.model_version(ckpt).run_id
+        except tracking.ModelNotFound:
+            return None
     state = Path(ckpt).parent / "state.json"
     if state.is_file():
         s = json.loads(state.read_text())
@@ -231,6 +229,9 @@ def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str |
         tags.update(sandbox=sandbox.describe()["mechanism"] or "none", unsafe_no_sandbox=str(cfg.unsafe_no_sandbox))
     with tracking.start_run(params, stage="eval", run_name=run_name or "eval", parent_run_id=parent,
                             tags=tags) as run:
-        tracking.log_metrics(metrics)
+        if ckpt.startswith("models:/"):  # metrics on the run and on the scored logged model
+            tracking.log_eval_metrics(metrics, ckpt)
+        else:
+            tracking.log_metrics(metrics)
         tracking.log_artifact(out, "eval")
         return run.info.run_id

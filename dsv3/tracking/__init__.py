@@ -11,9 +11,13 @@ Design choices
   child per stage).
 - Every logging helper is a no-op when no run is active, so library code (e.g. a
   non-zero Ray rank) can call it unconditionally.
-- The registry holds model versions whose source is the run's `model/` artifact folder
-  (HF format directory); `resolve_model_uri` turns a path, `runs:/` or `models:/` URI
-  back into a local HF directory.
+- Stage models are MLflow 3 logged models with a pyfunc flavour (pyfunc_model.py) that keep
+  the HF directory as an artifact, registered with lineage tags and aliases (registry.py);
+  `resolve_model_uri` turns a path, `runs:/` or `models:/` URI back into a local HF directory.
+- Experiments are tagged as model training (`mlflow.experimentKind`), the MLflow 3 UI's
+  training view rather than its GenAI / traces view.
+- Submodules: registry.py (stage hand-off, aliases, eval linkage), pyfunc_model.py (the
+  flavour), _pyfunc_entry.py (its models-from-code entry). Only this package imports mlflow.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 MAX_PARAM_LEN = 6000
 
 
+_EXPLICIT_URI: str | None = None  # the URI a config named explicitly in the last `setup`
+
+
 def tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI in force: explicit > $MLFLOW_TRACKING_URI > sqlite:///mlruns.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The tracking URI in force: explicit (argument, else the last `setup`'s) >
+    $MLFLOW_TRACKING_URI > sqlite:///mlruns.db."""
+    return uri or _EXPLICIT_URI or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def _artifact_location(uri: str, artifact_location: str | None) -> str | None:
@@ -47,7 +55,10 @@ def _artifact_location(uri: str, artifact_location: str | None) -> str | None:
 
 
 def setup(uri: str | None = None, experiment: str = "dsv3", artifact_location: str | None = None) -> str:
-    """Point mlflow at the store and make sure the experiment exists; returns its id."""
+    """Point mlflow at the store and make sure the experiment exists (tagged as a model-training
+    experiment, see registry.mark_model_training); returns its id."""
+    global _EXPLICIT_URI
+    _EXPLICIT_URI = uri
     u = tracking_uri(uri)
     mlflow.set_tracking_uri(u)
     client = MlflowClient(u)
@@ -59,6 +70,8 @@ def setup(uri: str | None = None, experiment: str = "dsv3", artifact_location: s
             eid = client.get_experiment_by_name(experiment).experiment_id
     else:
         eid = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # the MLflow 3 UI's training view
+        client.set_experiment_tag(eid, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     mlflow.set_experiment(experiment_id=eid)
     return eid
 
@@ -198,23 +211,36 @@ def log_dataset_input(digest: str, name: str, source: str, context: str = "train
 
 
 def register_model(model_dir: str | Path, name: str, artifact_path: str = "model") -> str:
-    """Log an HF-format directory under the active run and register it; returns the version."""
+    """Register an HF-format directory from the active run; returns the version.
+
+    Kept for existing callers. A full stage model (config, safetensors, tokenizer) goes through
+    `registry.register_stage_model` (pyfunc logged model, lineage tags, alias `candidate`);
+    a directory without a tokenizer cannot be a text-in/text-out model, so it is logged under
+    `artifact_path` and registered as a plain folder, with a warning saying so."""
+    import warnings
+
+    from dsv3.tracking.pyfunc_model import check_hf_dir
+
+    try:
+        check_hf_dir(model_dir)
+    except FileNotFoundError as e:
+        warnings.warn(f"{e}: registering {name} as a plain folder, not an MLflow model", stacklevel=2)
+    else:
+        return register_stage_model(model_dir, name).version
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_model needs an active run")
     mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass  # exists already
+    client = MlflowClient(tracking_uri())
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(name)  # exists already otherwise
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(name, source=source, run_id=run.info.run_id)
-    return str(mv.version)
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
 
 
 def resolve_model_uri(uri: str | Path, dst: str | Path | None = None) -> str:
-    """A local directory for a path, `runs:/<id>/<path>` or `models:/<name>/<version|latest>`."""
+    """A local HF directory for a path, `runs:/<id>/<path>`, `models:/<name>/<version|latest>`,
+    `models:/<name>@<alias>` or `models:/<model_id>` (a logged model's `artifacts/hf`)."""
     s = str(uri)
     if "://" not in s and ":/" not in s:
         p = Path(s)
@@ -222,21 +248,7 @@ def resolve_model_uri(uri: str | Path, dst: str | Path | None = None) -> str:
             raise FileNotFoundError(f"model path {p} does not exist")
         return str(p)
     if s.startswith("models:/"):
-        client = MlflowClient(tracking_uri())
-        rest = s[len("models:/"):].strip("/")
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = rest.partition("/")
-            if version in ("", "latest"):
-                versions = client.search_model_versions(f"name='{name}'")
-                if not versions:
-                    raise FileNotFoundError(f"no versions of registered model {name!r}")
-                mv = max(versions, key=lambda v: int(v.version))
-            else:
-                mv = client.get_model_version(name, version)
-        s = mv.source
+        return hf_dir(s, dst)
     kw = {"dst_path": str(dst)} if dst else {}
     if s.startswith("file://"):
         local = Path(s[len("file://"):])
@@ -252,3 +264,10 @@ def run_info(run_id: str) -> Any:
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(tracking_uri()).get_metric_history(run_id, key)]
+
+
+from dsv3.tracking.registry import (  # noqa: E402  (registry uses the helpers above)
+    CANDIDATE, CHAMPION, EXPERIMENT_KIND_TAG, LINEAGE_TAGS, MODEL_TRAINING, STAGES, ModelNotFound, StageModel,
+    concrete_model_uri, config_digest, experiment_url, furthest_stage_model, hf_dir, lineage_tags, load_pyfunc,
+    log_eval_metrics, mark_model_training, model_version, promote, register_stage_model, require_stage_model,
+    resolve_stage_model, stage_model_name)
