@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv3 import DeepSeekV3, ModelConfig  # noqa: E402
-from dsv3.posttrain.chat import build_chat_tokenizer, encode_chat, prompt_messages  # noqa: E402
+from dsv3.data.chat import build_chat_tokenizer, encode_chat, prompt_messages  # noqa: E402
 from dsv3.posttrain.config import GRPOConfig, SFTConfig  # noqa: E402
 from dsv3.posttrain.grpo import arithmetic_task, train_grpo  # noqa: E402
 from dsv3.posttrain.rewards import Combined, FormatReward, MathReward  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsv3.posttrain.chat import IGNORE
+from dsv3.data.chat import IGNORE
 from dsv3.posttrain.sft import encode_records, evaluate, make_batches
 
 

@@ -75,7 +75,7 @@ def _remote_rollout(args):
     """Ray worker body: rebuild the policy from (config, state dict) and sample."""
     cfg_json, state, tok_dir, prompts, g, max_new, temp, seed = args
     from dsv3 import DeepSeekV3, ModelConfig
-    from dsv3.posttrain.chat import load_tokenizer
+    from dsv3.data.chat import load_tokenizer
 
     torch.manual_seed(seed)
     m = DeepSeekV3(ModelConfig.model_validate_json(cfg_json))

@@ -206,7 +206,7 @@ def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def _encode(tok, prompt: str, response: str) -> list[int]:
-    from dsv3.posttrain.chat import encode_chat
+    from dsv3.data.chat import encode_chat
 
     return encode_chat(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])[0]
 

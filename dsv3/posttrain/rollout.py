@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv3.posttrain.chat import EOS, decode_response, encode_chat, prompt_messages
+from dsv3.data.chat import EOS, decode_response, encode_chat, prompt_messages
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.posttrain.chat import IGNORE, encode_chat
+from dsv3.data.chat import IGNORE, encode_chat
 from dsv3.posttrain.sft_data import to_messages
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dsv3 import tracking
-from dsv3.posttrain.chat import build_chat_tokenizer, load_tokenizer
+from dsv3.data.chat import build_chat_tokenizer, load_tokenizer
 from dsv3.posttrain.sft_data import build_sft_dataset, read_dataset, split, write_dataset
 
 

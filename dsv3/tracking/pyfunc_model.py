@@ -83,7 +83,7 @@ class DSV3TextGenerator(mlflow.pyfunc.PythonModel):
         self.default_chat = bool(cfg.get("chat", False))
 
     def encode(self, prompt: str, chat: bool) -> list[int]:
-        from dsv3.posttrain.chat import encode_chat, prompt_messages
+        from dsv3.data.chat import encode_chat, prompt_messages
 
         if chat:
             return encode_chat(self.tok, prompt_messages(prompt), add_generation_prompt=True)[0]
@@ -93,7 +93,7 @@ class DSV3TextGenerator(mlflow.pyfunc.PythonModel):
                  top_p: float = 1.0, seed: int = 0, chat: bool | None = None) -> list[str]:
         import torch
 
-        from dsv3.posttrain.chat import decode_response
+        from dsv3.data.chat import decode_response
 
         chat = self.default_chat if chat is None else chat
         g = torch.Generator(device=self.model.device).manual_seed(int(seed))

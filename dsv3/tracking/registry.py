@@ -33,6 +33,7 @@ Design choices
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,11 +46,12 @@ from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dsv3.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING, git_commit, tracking_uri
+
 CANDIDATE, CHAMPION = "candidate", "champion"
 STAGES = ("base", "long", "chat")  # pipeline order: pretraining, context extension, post-training
 LINEAGE_TAGS = ("git_commit", "config_digest", "dvc_data_digest", "prefect_flow_run_id", "mlflow_run_id",
                 "parent_model")
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 class ModelNotFound(LookupError):
@@ -72,13 +74,11 @@ class StageModel:
 
 
 def _client() -> MlflowClient:
-    from dsv3.tracking import tracking_uri
 
     return MlflowClient(tracking_uri())
 
 
 def _store() -> str:
-    from dsv3.tracking import tracking_uri
 
     return tracking_uri()
 
@@ -252,7 +252,6 @@ def _run_tag_upwards(client: MlflowClient, run_id: str | None, key: str, depth: 
 def lineage_tags(run_id: str | None, parent_model: str | None = None, config: Any = None,
                  config_digest_: str | None = None, data_digest: str | None = None) -> dict[str, str]:
     """The lineage tags of a new version; unknown ones are left out."""
-    from dsv3.tracking import git_commit
 
     client = _client()
     tags: dict[str, Any] = {
@@ -361,3 +360,50 @@ def load_pyfunc(uri: str, model_config: dict | None = None):
     """`mlflow.pyfunc.load_model` against dsv3's store (`models:/dsv3-chat@champion`, ...)."""
     mlflow.set_tracking_uri(_store())
     return mlflow.pyfunc.load_model(uri, model_config=model_config)
+
+
+def register_model(model_dir: str | Path, name: str, artifact_path: str = "model") -> str:
+    """Register an HF-format directory from the active run; returns the version.
+
+    Kept for existing callers. A full stage model (config, safetensors, tokenizer) goes through
+    `registry.register_stage_model` (pyfunc logged model, lineage tags, alias `candidate`);
+    a directory without a tokenizer cannot be a text-in/text-out model, so it is logged under
+    `artifact_path` and registered as a plain folder, with a warning saying so."""
+    import warnings
+
+    from dsv3.tracking.pyfunc_model import check_hf_dir
+
+    try:
+        check_hf_dir(model_dir)
+    except FileNotFoundError as e:
+        warnings.warn(f"{e}: registering {name} as a plain folder, not an MLflow model", stacklevel=2)
+    else:
+        return register_stage_model(model_dir, name).version
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model needs an active run")
+    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    client = MlflowClient(tracking_uri())
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(name)  # exists already otherwise
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
+
+
+def resolve_model_uri(uri: str | Path, dst: str | Path | None = None) -> str:
+    """A local HF directory for a path, `runs:/<id>/<path>`, `models:/<name>/<version|latest>`,
+    `models:/<name>@<alias>` or `models:/<model_id>` (a logged model's `artifacts/hf`)."""
+    s = str(uri)
+    if "://" not in s and ":/" not in s:
+        p = Path(s)
+        if not p.exists():
+            raise FileNotFoundError(f"model path {p} does not exist")
+        return str(p)
+    if s.startswith("models:/"):
+        return hf_dir(s, dst)
+    kw = {"dst_path": str(dst)} if dst else {}
+    if s.startswith("file://"):
+        local = Path(s[len("file://"):])
+        if local.exists() and not dst:
+            return str(local)
+    return mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri(), **kw)

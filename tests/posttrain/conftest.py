@@ -4,7 +4,7 @@ generated SFT data, and a tiny dsv3 model whose vocabulary matches it."""
 import pytest
 import torch
 
-from dsv3.posttrain.chat import build_chat_tokenizer
+from dsv3.data.chat import build_chat_tokenizer
 from dsv3.posttrain.config import DataGenConfig
 from dsv3.posttrain.sft_data import build_sft_dataset
 
@@ -27,7 +27,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tok_dir):
-    from dsv3.posttrain.chat import load_tokenizer
+    from dsv3.data.chat import load_tokenizer
 
     return load_tokenizer(tok_dir)
 

@@ -1,6 +1,6 @@
 import torch
 
-from dsv3.posttrain.chat import IGNORE
+from dsv3.data.chat import IGNORE
 from dsv3.posttrain.grpo import arithmetic_task
 from dsv3.posttrain.sft import encode_records, lr_at, make_batches
 

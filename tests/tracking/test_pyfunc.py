@@ -16,7 +16,7 @@ def greedy_text(hf_dir, prompt: str, n: int, chat: bool) -> str:
     """Reference: tokenise the rendered template (or BOS + text), generate, cut at EOS."""
     from dsv3 import DeepSeekV3
     from dsv3.data.tokenizer import BOS, load_tokenizer
-    from dsv3.posttrain.chat import prompt_messages, render
+    from dsv3.data.chat import prompt_messages, render
 
     tok = load_tokenizer(hf_dir)
     text = render(prompt_messages(prompt), add_generation_prompt=True) if chat else BOS + prompt

@@ -1,8 +1,21 @@
-from dsv3.posttrain.chat import ASSISTANT, BOS, EOS, IGNORE, USER, apply_chat_template, decode_response, encode_chat, render
+import pytest
+
+from dsv3.data.chat import (ASSISTANT, BOS, EOS, IGNORE, USER, apply_chat_template, build_chat_tokenizer,
+                            decode_response, encode_chat, load_tokenizer, render)
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4=?"},
         {"role": "assistant", "content": "7"}, {"role": "user", "content": "2+2=?"},
         {"role": "assistant", "content": "\\boxed{4}"}]
+
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A small chat tokenizer trained on chat-shaped arithmetic text."""
+    texts = [f"What is {a} + {b}?\nThe answer is \\boxed{{{a + b}}}." for a in range(30) for b in range(12)]
+    d = tmp_path_factory.mktemp("chat_tok")
+    build_chat_tokenizer(texts, vocab_size=512, out_dir=d)
+    return load_tokenizer(d)
 
 
 def test_template_string():
