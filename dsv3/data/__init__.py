@@ -2,7 +2,8 @@
 
 sources (ingest + provenance + quarantine) -> normalize -> quality -> pii -> dedup (exact,
 MinHash/LSH) -> decontam -> split -> tokenizer (byte-level BPE) -> fim (PSM, rate 0.1)
--> shards (`write_split` / `TokenShards`). `pipeline` wires the stages (also the three DVC
-stages), `validate` holds the Great Expectations suites, `cli` the `dsv3 data` commands.
+-> shards (`write_split` / `TokenShards`, checksummed). `pipeline` wires the stages (also the three DVC
+stages), `validate` holds the Great Expectations suites, `integrity` re-hashes DVC outs and cache
+objects against dvc.lock, `cli` the `dsv3 data` commands.
 Heavy imports (tokenizers, transformers, GX, Ray) happen inside the functions that need them.
 """

@@ -144,6 +144,7 @@ def test_silent_cache_corruption_is_caught_by_checksums_and_repaired(repo):
     TokenShards(repo / "data" / "shards", "train")
 
 
+@pytest.mark.slow
 def test_corrupted_object_on_the_remote_is_refused_by_a_verifying_pull(repo, tmp_path):
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / ".dvc" / "config")
