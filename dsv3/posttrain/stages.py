@@ -25,8 +25,12 @@ from dsv3.posttrain.sft_data import build_sft_dataset, read_dataset, split, writ
 def load_model(uri: str):
     from dsv3 import DeepSeekV3
 
+    from dsv3.data.tokenizer import check_vocab
+
     d = tracking.resolve_model_uri(uri)
-    return DeepSeekV3.from_pretrained(d), load_tokenizer(d), d
+    model, tok = DeepSeekV3.from_pretrained(d), load_tokenizer(d)
+    check_vocab(tok, model.config, tokenizer_name=d, model_name=uri)
+    return model, tok, d
 
 
 def _save(model, tok, out: Path) -> str:

@@ -114,6 +114,16 @@ def test_hf_source_offline_clear_error(tmp_path):
     assert r.returncode == 2 and "cannot stream Hugging Face dataset 'nobody/no-such-dataset'" in r.stderr
 
 
+def _reseal(sd: Path, split: str) -> None:
+    from dsv3.data.shards import entry_checksum, file_checksum
+
+    idx = json.loads((sd / "index.json").read_text())
+    e = idx["splits"][split]
+    e["checksum"] = file_checksum(sd / e["file"])
+    e["entry_checksum"] = entry_checksum(e, idx["dtype"], idx["vocab_size"])
+    (sd / "index.json").write_text(json.dumps(idx))
+
+
 def test_gx_suite_fails_on_planted_pii_and_bad_ids(curated, tmp_path, capsys):
     out, cfg, _ = curated
     bad = tmp_path / "bad"
@@ -127,6 +137,7 @@ def test_gx_suite_fails_on_planted_pii_and_bad_ids(curated, tmp_path, capsys):
     a = np.fromfile(raw, dtype=np.uint16)
     a[1] = 60000  # token id beyond the vocabulary
     a.tofile(raw)
+    _reseal(bad / "shards", "val")  # as a buggy writer would: checksums match, content is wrong
     from dsv3.cli import main
 
     capsys.readouterr()
