@@ -49,6 +49,9 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark is not None and (mark is None or ctx_mark.line != mark.line):
+            problem += f" ({ctx} at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
         raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
     if d is None:
         return {}
@@ -153,10 +156,13 @@ def suggest(root: type[BaseModel], loc: list[str]) -> str | None:
 
 # ---- the loader -------------------------------------------------------------------------------
 def load_config(cls: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                section: str | None = None, values: Mapping[str, Any] | None = None) -> M:
+                section: str | None = None, values: Mapping[str, Any] | None = None,
+                root: type[BaseModel] | None = None) -> M:
     """The one loader: YAML file -> `--set` overrides -> `values` (dotted key -> value, None skipped)
     -> `cls`. With `section`, the file is a whole RunConfig mapping and `cls` validates only
-    `file[section]`; every key (overrides and values) must then start with `section.`."""
+    `file[section]`; every key (overrides and values) must then start with `section.`. With
+    `root` too (the RunConfig class), the whole file is validated as well, so a typo in another
+    section of the same file is an error rather than silently ignored."""
     d = read_yaml(path) if path is not None else {}
     for ov in overrides:
         key = apply_override(d, ov)
@@ -174,7 +180,10 @@ def load_config(cls: type[M], path: str | Path | None = None, overrides: list[st
         body = {}
     if not isinstance(body, dict):
         raise ConfigError(f"{section}: must be a mapping of {cls.__name__} fields, got {type(body).__name__}")
-    return validate_config(cls, body, prefix=f"{section}.")
+    out = validate_config(cls, body, prefix=f"{section}.")
+    if root is not None:
+        validate_config(root, d)
+    return out
 
 
 def _check_in_section(cls: type[BaseModel], section: str, key: str, what: str) -> None:

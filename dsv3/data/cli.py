@@ -21,13 +21,19 @@ from dsv3.data.report import format_stats
 DEFAULT_PARAMS = "params.yaml"
 
 
+def _run_config():
+    from dsv3.config import RunConfig  # the file is a whole run config: its other sections are checked too
+
+    return RunConfig
+
+
 def load_data_config(params: str | None = None, overrides: list[str] | tuple[str, ...] = (), **fields) -> DataConfig:
     """DataConfig from the `data:` section of `params` (None: params.yaml if present; "none": no
     file), `--set data.k=v` overrides and flag values (`fields`, None = not given)."""
     if params is None:
         params = DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else "none"
     path = None if params == "none" else params
-    return load_config(DataConfig, path, overrides, section="data", values={f"data.{k}": v for k, v in fields.items()})
+    return load_config(DataConfig, path, overrides, section="data", root=_run_config(), values={f"data.{k}": v for k, v in fields.items()})
 
 
 def _curate(a) -> int:
@@ -113,3 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

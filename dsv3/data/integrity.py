@@ -53,7 +53,7 @@ class Problem:
 
 
 @dataclass
-class Report:
+class IntegrityReport:
     files: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -101,7 +101,7 @@ def _lock_outs(repo: Path, stages) -> list[tuple[str, dict]]:
     return [(s, o) for s in stages for o in st[s].get("outs", [])]
 
 
-def _check(report: Report, path: Path, md5: str, kind: str, stage: str, out: str, must_exist: bool) -> bool:
+def _check(report: IntegrityReport, path: Path, md5: str, kind: str, stage: str, out: str, must_exist: bool) -> bool:
     """True when `path` is present and hashes to md5; records a Problem otherwise."""
     if not path.is_file():
         if must_exist:
@@ -116,7 +116,7 @@ def _check(report: Report, path: Path, md5: str, kind: str, stage: str, out: str
     return True
 
 
-def _dir_md5(d: Path, report: Report) -> str | None:
+def _dir_md5(d: Path, report: IntegrityReport) -> str | None:
     """DVC's md5 of a directory out: md5 of the sorted JSON listing [{"md5", "relpath"}] + ".dir"."""
     if not d.is_dir():
         return None
@@ -128,11 +128,11 @@ def _dir_md5(d: Path, report: Report) -> str | None:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def verify_outs(repo: str | Path = ".", stages=DATA_STAGES, repair: bool = False) -> Report:
+def verify_outs(repo: str | Path = ".", stages=DATA_STAGES, repair: bool = False) -> IntegrityReport:
     """Re-hash the stages' outs (workspace) and their DVC cache objects against dvc.lock."""
     repo = Path(repo).resolve()
     cache = cache_dir(repo)
-    rep = Report()
+    rep = IntegrityReport()
     for stage, o in _lock_outs(repo, stages):
         out, md5 = o["path"], o["md5"]
         if not md5.endswith(".dir"):

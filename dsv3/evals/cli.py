@@ -29,6 +29,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
+def _run_config():
+    from dsv3.config import RunConfig  # the file is a whole run config: its other sections are checked too
+
+    return RunConfig
+
+
 def load_eval_config(config: str | None, sets: list[str], tasks: str | None = None, limit: int | None = None,
                      data_dir: str | None = None):
     """EvalConfig: the `eval:` section of `config` (a RunConfig YAML), `--set eval.k=v`, then the flags."""
@@ -37,7 +43,7 @@ def load_eval_config(config: str | None, sets: list[str], tasks: str | None = No
 
     flags = {"eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
              "eval.limit": limit, "eval.data_dir": data_dir}
-    return load_config(EvalConfig, config, sets, section="eval", values=flags)
+    return load_config(EvalConfig, config, sets, section="eval", root=_run_config(), values=flags)
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -59,3 +65,4 @@ def _compare(a: argparse.Namespace) -> int:
     print(table)
     print(f"chart: {png}")
     return 0
+

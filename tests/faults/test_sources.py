@@ -18,8 +18,8 @@ from dsv3.data.sources import iter_source
 from tests.data.conftest import prose, small_cfg
 
 SECRET = "TOP-SECRET-OUTSIDE-THE-SOURCE"
-SMALL = ["seq_len=64", "source.max_doc_bytes=8000", "decontam.paths=[]", "split.val_fraction=0.2",
-         "tokenizer.vocab_size=320", "tokenizer.min_frequency=1"]
+SMALL = ["data.seq_len=64", "data.source.max_doc_bytes=8000", "data.decontam.paths=[]", "data.split.val_fraction=0.2",
+         "data.tokenizer.vocab_size=320", "data.tokenizer.min_frequency=1"]
 
 
 def _source(tmp_path: Path) -> Path:
