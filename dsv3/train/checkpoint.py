@@ -1,4 +1,4 @@
-"""Atomic, checksummed, rotating training checkpoints (issue 4 point 4).
+"""Atomic, checksummed, rotating training checkpoints.
 
 Layout of `<out_dir>/checkpoints/step_00000123/`:
     model/               HF format (config.json + safetensors via `model.save_pretrained`)
@@ -18,7 +18,7 @@ Design choices
   previous one is used.
 - Safe loading: safetensors and `torch.load(weights_only=True)` only; no arbitrary
   unpickling. The scheduler needs no state beyond `step` (schedules are pure functions
-  of the step, see schedule.py); the data loader needs only the sample position.
+  of the step, see lr_schedule.py); the data loader needs only the sample position.
 - keep-last-K: older complete checkpoints are deleted after a successful save.
 """
 

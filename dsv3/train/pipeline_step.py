@@ -322,7 +322,7 @@ class PipelineStep:
         collective over its EP group (the same stage position in other pipelines, running the same stages in
         the same order), so every pipeline runs the same number of batches (`ExpertStep.pad_batches`; the
         padding batches are not counted)."""
-        from dsv3.model.transformer import _shifted_ce
+        from dsv3.model.loss import shifted_cross_entropy
         from dsv3.train.data import bits_per_byte
         from dsv3.train.loop import autocast_ctx
 
@@ -345,7 +345,7 @@ class PipelineStep:
                     h = st(x if s == 0 else h)
                     if s == self.n_stages - 1 and counted:
                         n = x.shape[0] * (x.shape[1] - 1)
-                        tot[0] += _shifted_ce(st.logits(h), x, 1).double() * n
+                        tot[0] += shifted_cross_entropy(st.logits(h), x, 1).double() * n
                         tot[1] += n
                 if s + 1 < self.n_stages and self.stage_rank[s + 1] != self.rank:
                     dist.send(h.to(model.dtype).contiguous(), dst=glob(self.stage_rank[s + 1]), group=self.group)
