@@ -66,7 +66,7 @@ from dsv3.train.ema import CpuEMA
 from dsv3.train.optim import make_optimizer, set_lr
 from dsv3.train.perf import compute_dtype, measure_matmul_peak
 from dsv3.train.recompute import apply_recompute
-from dsv3.train.schedule import Schedules
+from dsv3.train.lr_schedule import Schedules
 
 log = logging.getLogger("dsv3.train")
 

@@ -107,7 +107,7 @@ def check_config(cfg, world: int) -> None:
     if n_stages > cfg.model.num_hidden_layers:
         raise ConfigError(f"parallel.pp: {p.schedule} with pp={p.pp} needs {n_stages} stages but the model has "
                           f"{cfg.model.num_hidden_layers} layers")
-    from dsv3.train.schedule import Schedules
+    from dsv3.train.lr_schedule import Schedules
 
     for b in sorted(set(Schedules(t, cfg.model, p.dp).plan.batches)):
         if b % n:
