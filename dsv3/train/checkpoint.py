@@ -192,6 +192,36 @@ def load(ckpt: str | Path, model, optimizer=None, ema=None, part=None) -> dict[s
     return json.loads((d / "state.json").read_text())
 
 
+def merge_optimizer_state(param_groups: list[dict], group_names: list[list[str]], state: dict[str, dict]) -> dict:
+    """The whole model's optimizer state_dict from per-parameter states gathered by name: `group_names[g]`
+    = the whole model's parameter names of group g in the optimizer's order (indices are numbered over
+    the groups in order, as torch does), `param_groups` = the groups' hyper-parameters."""
+    index = {n: i for i, n in enumerate(n for names in group_names for n in names)}
+    groups, start = [], 0
+    for pg, names in zip(param_groups, group_names):
+        groups.append({**pg, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": {index[n]: st for n, st in sorted(state.items(), key=lambda kv: index[kv[0]])},
+            "param_groups": groups}
+
+
+def slice_optimizer_state(full: dict, group_names: list[list[str]], local_names: list[list[str]],
+                          to_whole=lambda n: n, keep=None) -> dict:
+    """This rank's optimizer state_dict from a whole one (`merge_optimizer_state`'s layout): `local_names[g]`
+    = this rank's parameter names of group g in its optimizer's order, `to_whole(local name)` = the name in
+    the whole model, `keep(local name)` (default: all) = whether this rank takes that parameter's state."""
+    index = {n: i for i, n in enumerate(n for names in group_names for n in names)}
+    local, groups, start = {}, [], 0
+    for pg, names in zip(full["param_groups"], local_names):
+        for k, n in enumerate(names):
+            i = index[to_whole(n)]
+            if i in full["state"] and (keep is None or keep(n)):
+                local[start + k] = full["state"][i]
+        groups.append({**pg, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": local, "param_groups": groups}
+
+
 class StateDict:
     """What `save` needs of an optimizer / EMA: `state_dict()` (for states assembled from several ranks)."""
 

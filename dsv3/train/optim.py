@@ -32,6 +32,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def group_names(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> list[list[str]]:
+    """Parameter names per group, in the optimizer's order (`opt`'s, else `param_groups`'): how sharded
+    layouts map optimizer indices to names and back."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = opt.param_groups if opt is not None else param_groups(model, 0.0)
+    return [[name_of[id(p)] for p in g["params"]] for g in groups]
+
+
 def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
                              betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
