@@ -184,8 +184,8 @@ def load(ckpt: str | Path, model, optimizer=None, ema=None, part=None) -> dict[s
         full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(full if part is None else part.local_optimizer_state(optimizer, full))
     if ema is not None and (d / "ema.safetensors").is_file():
-        e = load_file(d / "ema.safetensors")
-        ema.load_state_dict(e if part is None else part.local_ema_state(ema, e))
+        ema_state = load_file(d / "ema.safetensors")
+        ema.load_state_dict(ema_state if part is None else part.local_ema_state(ema, ema_state))
     torch.set_rng_state(extra["rng_cpu"])
     if "rng_cuda" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng_cuda"])

@@ -32,13 +32,13 @@ import numpy as np
 def _tokenizer(cfg):
     from dsv3.train.loop import tokenizer_dir
 
-    d = tokenizer_dir(cfg)
-    if d is None:
+    path = tokenizer_dir(cfg)
+    if path is None:
         return None
     try:
         from dsv3.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(d)
+        tok = load_tokenizer(path)
         return tok if len(tok) <= cfg.model.vocab_size else None
     except Exception:  # noqa: BLE001 - the passkey probe falls back to token ids
         return None

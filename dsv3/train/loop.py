@@ -114,8 +114,8 @@ def shard_dir(cfg) -> str:
 
 
 def tokenizer_dir(cfg) -> str | None:
-    d = cfg.train.tokenizer or str(Path(cfg.data.out_dir) / "tokenizer")
-    return d if Path(d).is_dir() else None
+    path = cfg.train.tokenizer or str(Path(cfg.data.out_dir) / "tokenizer")
+    return path if Path(path).is_dir() else None
 
 
 def dataset_digest(shards: str) -> str:

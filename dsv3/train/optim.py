@@ -3,7 +3,7 @@
 Design choices
 - Two parameter groups: weight decay on matrices (Linear / Embedding weights, the gate),
   none on norms, biases and any 1-D parameter (standard practice; the paper states 0.1
-  without listing exclusions, the issue asks for none on norms and biases).
+  without listing exclusions).
 - FP32 master weights: the optimizer always works on the fp32 parameters; bf16/fp8 only
   change the GEMMs (§3.3.1). `foreach` is kept (deterministic on CPU).
 - The LR is set per step by the loop from `Schedules.lr` (no torch LR scheduler object:
@@ -37,7 +37,7 @@ def group_names(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> l
     layouts map optimizer indices to names and back."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     groups = opt.param_groups if opt is not None else param_groups(model, 0.0)
-    return [[name_of[id(p)] for p in g["params"]] for g in groups]
+    return [[name_of[id(p)] for p in group["params"]] for group in groups]
 
 
 def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
@@ -46,5 +46,5 @@ def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
+    for group in opt.param_groups:
+        group["lr"] = lr

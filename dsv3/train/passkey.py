@@ -18,7 +18,7 @@ from dsv3.train.precision import Precision
 
 
 def _text_parts(tok, key: str):
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     return (enc("There is an important pass key hidden inside a lot of irrelevant text. "
                 "Find it and memorize it.\n"),
             enc("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"),

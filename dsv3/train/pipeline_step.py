@@ -155,7 +155,7 @@ class PipelineStep:
         self.n_stages = 2 * self.pp if self.kind == "dualpipev" else self.pp
         ids = [self.rank] if self.kind == "1f1b" else [self.rank, self.n_stages - 1 - self.rank]
         self.stage_of = dict(zip(ids, self.stages))
-        self.stage_rank = [min(s, self.n_stages - 1 - s) if self.kind != "1f1b" else s for s in range(self.n_stages)]
+        self.stage_rank = [min(i, self.n_stages - 1 - i) if self.kind != "1f1b" else i for i in range(self.n_stages)]
         # the whole model's names, shapes and optimizer order (dsv3.train.optim.param_groups), kept before freeing
         self.names = [n for n, _ in model.named_parameters()]
         if len(self.names) != len(self.params):
@@ -223,18 +223,18 @@ class PipelineStep:
         if B % n:
             raise ValueError(f"batch of {B} is not divisible into parallel.num_chunks={n} micro-batches")
         self.pipe.set_p2p_tensor_shapes([(B // n, S, self.model.config.hidden_size)])
-        for st in self.stages:
-            st.aux_grad_scale, st.stats = 1.0 / n, {}
-            if st.last:
-                st.mtp_loss_weight = mtp_weight
+        for stage in self.stages:
+            stage.aux_grad_scale, stage.stats = 1.0 / n, {}
+            if stage.last:
+                stage.mtp_loss_weight = mtp_weight
         inputs, labels = self._feed(x)
         scale = float("nan") if poison else 1.0
         crit = (lambda h, ids, lab: self.criterion(h, ids, lab) / n * scale) if self.criterion is not None else None
         with self.precision.autocast(self.device):
             loss, _ = self.pipe.step(*inputs, num_chunks=n, criterion=crit, labels=labels)
         parts = torch.zeros(3 + self.cfg.model.num_nextn_predict_layers, dtype=torch.float64)
-        for st in self.stages:
-            stats, st.stats = st.stats, None
+        for stage in self.stages:
+            stats, stage.stats = stage.stats, None
             parts[1] += float(stats.get("main", 0.0))
             parts[2] += float(stats.get("balance", 0.0))
             for k, v in stats.get("mtp", {}).items():
@@ -277,16 +277,16 @@ class PipelineStep:
         """Global grad norm (each parameter counted once, on its owner; with ep each expert slice once: the
         pipeline's slice norms² summed over the EP group) and clipping, as clip_grad_norm_."""
         owned = [i for i in self.held if self.owner[i] == self.rank]
-        sq = torch.stack([collectives.grad_sq_norm([self.params[i] for i in owned if i not in self.experts],
-                                                   self.device),
-                          collectives.grad_sq_norm([self.params[i] for i in owned if i in self.experts],
-                                                   self.device)])  # [dense, expert slices]
-        dist.all_reduce(sq, group=self.group)
+        dense = [self.params[i] for i in owned if i not in self.experts]
+        experts = [self.params[i] for i in owned if i in self.experts]
+        sq_norms = torch.stack([collectives.grad_sq_norm(dense, self.device),  # [dense, expert slices]
+                                collectives.grad_sq_norm(experts, self.device)])
+        dist.all_reduce(sq_norms, group=self.group)
         if self.ep is not None:
-            expert_sq = sq[1:].clone()
+            expert_sq = sq_norms[1:].clone()
             dist.all_reduce(expert_sq, group=self.ep.ep_group)
-            sq[1] = expert_sq[0]
-        return collectives.clip_grads_([self.params[i] for i in self.held], max_norm, sq[0] + sq[1])
+            sq_norms[1] = expert_sq[0]
+        return collectives.clip_grads_([self.params[i] for i in self.held], max_norm, sq_norms[0] + sq_norms[1])
 
     # ---------- evaluation ----------
     @torch.no_grad()
@@ -308,21 +308,21 @@ class PipelineStep:
         xs = list(stream.eval_batches(batches, batch, self.dp_rank, self.dp))
         for x, counted in (self.ep.pad_batches(xs, self.seq_len) if self.ep is not None else [(x, True) for x in xs]):
             x, h = x.to(dev), None
-            for s in range(self.n_stages):
-                if self.stage_rank[s] != self.rank:
+            for i in range(self.n_stages):
+                if self.stage_rank[i] != self.rank:
                     continue
-                stage = self.stage_of[s]
-                if s and self.stage_rank[s - 1] != self.rank:
+                stage = self.stage_of[i]
+                if i and self.stage_rank[i - 1] != self.rank:
                     h = torch.empty(*x.shape, model.config.hidden_size, dtype=model.dtype, device=dev)
-                    dist.recv(h, src=global_rank(self.stage_rank[s - 1]), group=self.group)
+                    dist.recv(h, src=global_rank(self.stage_rank[i - 1]), group=self.group)
                 with self.precision.autocast(dev):
-                    h = stage(x if s == 0 else h)
-                    if s == self.n_stages - 1 and counted:
+                    h = stage(x if i == 0 else h)
+                    if i == self.n_stages - 1 and counted:
                         n = x.shape[0] * (x.shape[1] - 1)
                         totals[0] += shifted_cross_entropy(stage.logits(h), x, 1).double() * n
                         totals[1] += n
-                if s + 1 < self.n_stages and self.stage_rank[s + 1] != self.rank:
-                    dist.send(h.to(model.dtype).contiguous(), dst=global_rank(self.stage_rank[s + 1]), group=self.group)
+                if i + 1 < self.n_stages and self.stage_rank[i + 1] != self.rank:
+                    dist.send(h.to(model.dtype).contiguous(), dst=global_rank(self.stage_rank[i + 1]), group=self.group)
         dist.all_reduce(totals)  # each pipeline's last stage holds its sums; the others add zeros
         model.train(was)
         loss = float(totals[0] / totals[1].clamp(min=1))
@@ -344,8 +344,8 @@ class PipelineStep:
         names = [n for group in group_names(self.model, opt) for n in group]  # local names in optimizer order
         opt_sd = opt.state_dict()
         mine = {"w": {whole[n]: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned},
-                "o": {whole[names[k]]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in st.items()}
-                      for k, st in opt_sd["state"].items() if names[k] in owned},
+                "o": {whole[names[k]]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in state.items()}
+                      for k, state in opt_sd["state"].items() if names[k] in owned},
                 "e": {whole[n]: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}}
         # ep: every rank takes part (the others send nothing); else pipeline 0 only (it holds global rank 0)
         state = collectives.gather_union(mine, None if ep is not None else self.group)
