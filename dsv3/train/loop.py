@@ -176,7 +176,7 @@ class Trainer:
         self.steps_run, self.last_val, self.last_ckpt_step = 0, {}, 0
         self.resumed_from: str | None = None
         self.flops_per_token = cfg.model.flops_per_token(tcfg.seq_len, training=True, include_mtp=True)
-        self.peak, self.started = 1.0, time.perf_counter()  # matmul peak (rank 0: measured in `restore`)
+        self.peak, self.started = 1.0, time.perf_counter()  # matmul peak (rank 0: measured in `restore`), start
 
     # ---------- state / resume ----------
     def restore(self, resume: bool) -> None:
@@ -219,6 +219,7 @@ class Trainer:
                                  "derived.matmul_peak_flops": f"{self.peak:.3e}"})
         self.log.say(f"{self.step.n_params / 1e6:.1f}M params, {self.tcfg.steps} steps, {plan.total_tokens:,} "
                      f"tokens, precision {self.step.precision}, {self.world} rank(s)")
+        self.started = time.perf_counter()
 
     # ---------- one step ----------
     def run_step(self) -> None:
@@ -434,7 +435,6 @@ def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: st
     trainer.restore(resume)
     with trainer.tracking_run(track, parent_run_id, run_name, tags) as run:
         trainer.log_start(run)
-        trainer.started = time.perf_counter()
         while trainer.state.step < cfg.train.steps:
             trainer.run_step()
         return trainer.finish(run)

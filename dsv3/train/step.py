@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from dsv3.model.transformer import DeepSeekV3
 from dsv3.parallel import collectives
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.data import PackedStream, bits_per_byte
@@ -73,8 +73,6 @@ class TrainStep(Protocol):
 def build_model(cfg, device: torch.device):
     """The whole DeepSeekV3 of `cfg` on `device`: seeded init (every rank builds the same one), the
     `train.init_from` weights, recomputation, then the precision's conversion (fp8 Linears)."""
-    from dsv3.model.transformer import DeepSeekV3
-
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     model = DeepSeekV3(cfg.model).to(device)
@@ -104,8 +102,8 @@ def evaluate(model, stream: PackedStream, batches: int, batch: int, precision: P
             out = model(x, labels=x, return_mtp=False)
         n = x.shape[0] * (x.shape[1] - 1) if counted else 0
         totals += torch.tensor([out.main_loss.double().item() * n, n], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(totals)
+    if world > 1:  # reduced on the model's device (NCCL reduces CUDA tensors only)
+        totals = collectives.all_reduce_sum(totals, device=model.device)
     model.train(was)
     loss = float(totals[0] / totals[1].clamp(min=1))
     return loss, bits_per_byte(loss, stream.bytes_per_token)
