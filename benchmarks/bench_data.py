@@ -139,7 +139,7 @@ def main() -> None:
     print(f"== whole curation on builtin:stdlib (~{a.mb:g} MB), python {sys.version.split()[0]}")
     secs0, st = bench_curate(DataConfig(**base), "in-process (1 worker)")
     if not a.skip_ray:
-        from dsv3.launch import ray_init, ray_shutdown
+        from dsv3.cluster import ray_init, ray_shutdown
 
         ray_init(num_cpus=2)
         try:

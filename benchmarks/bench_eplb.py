@@ -95,7 +95,7 @@ def _measure_worker(rank, world, model_dir, shards, seq_len, n_seq, plans_path, 
     import copy
 
     from dsv3.serve.load_stats import ExpertLoadRecorder
-    from dsv3.train.data import PackedStream
+    from dsv3.train.stream import PackedStream
 
     ref = DeepSeekV3.from_pretrained(model_dir).eval()
     val = PackedStream(shards, "val", seq_len, shuffle=False)

@@ -99,7 +99,7 @@ def probe(model_dir: str, lengths: list[int], depths: list[float], trials: int, 
           val_batches: int) -> tuple[np.ndarray, dict[int, float]]:
     """Passkey grid (the probe `extend` logs) and validation loss at each length."""
     from dsv3.model.transformer import DeepSeekV3
-    from dsv3.train.data import PackedStream
+    from dsv3.train.stream import PackedStream
     from dsv3.train.loop import evaluate
     from dsv3.train.passkey import passkey_grid
 

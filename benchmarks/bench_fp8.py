@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     if not args.gemm_only:
         n_tok = args.steps * args.batch * args.seq
         if args.shards is not None:
-            from dsv3.train.data import PackedStream
+            from dsv3.train.stream import PackedStream
 
             train_s = PackedStream(args.shards, "train", args.seq, seed=args.seed)
             val_s = PackedStream(args.shards, "val", args.seq, shuffle=False)

@@ -29,7 +29,7 @@ from dsv3.train.report import summary  # noqa: E402
 @task
 def pretrain_task(cfg: RunConfig, parent_run_id: str, use_ray: bool, tags: dict) -> dict:
     if use_ray:
-        from dsv3.launch import run_training
+        from dsv3.train.launcher import run_training
 
         return run_training(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags)
     from dsv3.train.loop import train

@@ -47,23 +47,9 @@ ALLOWED = {
 # third-party packages only some modules may import: package -> the module prefixes allowed
 EXCLUSIVE = {"mlflow": ("dsv3.tracking",), "ray": ("dsv3.cluster", "dsv3.train.launcher"), "prefect": ("flows",)}
 
-_TRAIN_CORE = "the train-core helper's part of the architecture work is not merged yet: "
 KNOWN = {
-    # import cycles (frozensets of the modules in one strongly connected component)
-    frozenset({"dsv3.train.loop", "dsv3.train.pipeline_step", "dsv3.train.expert_step"}):
-        _TRAIN_CORE + "pipeline_step / expert_step import autocast_ctx and allreduce_grads back from loop "
-                      "(the one step interface and the shared collectives remove it)",
-    frozenset({"dsv3.model.mtp", "dsv3.model.transformer"}):
-        _TRAIN_CORE + "mtp imports Block from transformer, transformer imports MTPModule from mtp",
     # imports across layers: (importer, imported)
-    ("dsv3.data.curate", "dsv3.launch"):
-        _TRAIN_CORE + "ray_map lives in dsv3/launch.py, a train-level module, until it moves to dsv3/cluster.py",
-    ("dsv3.fp8.linear", "dsv3.parallel.pipeline"):
-        "FP8Linear defers its weight gradient through parallel.pipeline's WeightGradStore / accumulate_grad "
-        "(zero-bubble W); the fix moves those below fp8 or lets the pipeline install the hook (dsv3/parallel/ "
-        "is not this branch's)",
     # exclusive third-party imports: (importer, package)
-    ("dsv3.launch", "ray"): _TRAIN_CORE + "dsv3/launch.py is split into dsv3/cluster.py + dsv3/train/launcher.py",
 }
 
 
@@ -82,8 +68,6 @@ def group(mod: str) -> str:
         return "tracking"
     if mod == "dsv3.cluster":
         return "cluster"
-    if mod == "dsv3.launch":  # until the split: the training launcher (and Ray helpers)
-        return "train"
     return parts[1] if parts[1] in ("model", "data", "fp8", "parallel", "train", "posttrain", "evals", "serve") \
         else "unknown"
 

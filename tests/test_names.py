@@ -20,10 +20,10 @@ SAME_MEANING = {
     "main", "register", "summary", "markdown",
 }
 KNOWN = {
-    "stages": "dsv3/parallel/stages.py (the model cut into pipeline stages) vs dsv3/posttrain/stages.py "
+    "stages": "dsv3/parallel/partition.py (the model cut into pipeline stages) vs dsv3/posttrain/stages.py "
               "(the post-training stages, the issue's name for the old posttrain/pipeline.py); the parallel one "
               "should move (e.g. parallel/partition.py), and parallel/ is not this branch's",
-    "data": "dsv3/train/data.py (training's token stream) vs the dsv3/data package; train/ is the train-core "
+    "data": "dsv3/train/stream.py (training's token stream) vs the dsv3/data package; train/ is the train-core "
             "helper's (e.g. train/stream.py)",
     "CheckpointError": "dsv3/train/checkpoint.py still defines its own; it should import dsv3.errors.CheckpointError",
     "evaluate": "train/loop.py (validation loss) vs posttrain/sft.py (SFT validation loss): train/ and sft.py "

@@ -67,7 +67,7 @@ def _removed(doc: dict, bucket: str, **extra) -> dict:
 
 def make_mapper(cfg: DataConfig) -> Callable:
     if cfg.workers > 0 or cfg.ray_address:
-        from dsv3.launch import ray_init, ray_map
+        from dsv3.cluster import ray_init, ray_map
 
         ray_init(cfg.ray_address, num_cpus=cfg.workers or None)
         return lambda fn, items: ray_map(fn, list(items), max(1, cfg.workers))

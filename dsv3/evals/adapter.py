@@ -21,6 +21,9 @@ Design choices
   the MLA latent cache (`model.new_cache` / `model.forward_step`), stop strings checked on
   the decoded continuation every few steps so a batch ends as soon as every row stopped;
   the text is cut at the first stop string (as `hf` does). The EOS string is a stop string.
+- Precision (§3.3): `precision` ("fp32" | "bf16" | "fp8", model_args; a `dsv3.train.precision.Precision`)
+  converts the loaded model (fp8: FP8 Linears) and autocasts every forward, as in training; `dtype`
+  is the dtype the weights are loaded in. Without `precision` nothing is converted or autocast.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from dsv3.train.precision import Precision
+
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
 
-def load_checkpoint(pretrained: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
-    """(model, tokenizer, local_dir) for a checkpoint directory or MLflow URI."""
+def load_checkpoint(pretrained: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
+                    precision: Precision | str | None = None):
+    """(model, tokenizer, local_dir) for a checkpoint directory or MLflow URI; `precision` converts the model."""
     from dsv3 import DeepSeekV3
 
     local = str(pretrained)
@@ -53,14 +59,15 @@ def load_checkpoint(pretrained: str, dtype: str | torch.dtype | None = "float32"
         raise FileNotFoundError(f"{pretrained}: no config.json (not a HF-format checkpoint directory)")
     dt = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = DeepSeekV3.from_pretrained(local, dtype=dt, device=device).eval()
-    tok = load_tokenizer(local)
+    Precision.of(precision).prepare(model)
+    tok = _checkpoint_tokenizer(local)
     from dsv3.data.tokenizer import check_vocab
 
     check_vocab(tok, model.config, tokenizer_name=local, model_name=str(pretrained))
     return model, tok, local
 
 
-def load_tokenizer(path: str):
+def _checkpoint_tokenizer(path: str):
     try:
         from dsv3.data.tokenizer import load_tokenizer as _load
     except ImportError:  # pragma: no cover - data package not installed
@@ -81,12 +88,14 @@ class DSV3LM(TemplateLM):
     def __init__(self, pretrained: str, batch_size: int | str = 16, max_batch_size: int | None = None,
                  device: str | None = "cpu", dtype: str = "float32", max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool | None = None, stop_check_every: int = 4,
-                 min_prefix: int = 32, **kwargs):
+                 min_prefix: int = 32, precision: Precision | str | None = None, **kwargs):
         super().__init__()
         if kwargs:
             log.info("dsv3 adapter: ignoring model_args %s", sorted(kwargs))
         self._device = torch.device(device or "cpu")
-        self.model, self.tokenizer, self.checkpoint_dir = load_checkpoint(pretrained, dtype, str(self._device))
+        self.precision = Precision.of(precision)
+        self.model, self.tokenizer, self.checkpoint_dir = load_checkpoint(pretrained, dtype, str(self._device),
+                                                                          self.precision)
         self.pretrained = str(pretrained)
         bs = str(batch_size)
         self.batch_size = int(bs.split(":")[0]) if bs.split(":")[0].isdigit() else int(max_batch_size or 16)
@@ -141,6 +150,10 @@ class DSV3LM(TemplateLM):
 
     # ---- scoring --------------------------------------------------------------------------------
     def _score(self, inps: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
+        with self.precision.autocast(self._device):
+            return self._score_groups(inps, n_last)
+
+    def _score_groups(self, inps: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
         """For each input, log-softmax [n_last, V] at its last n_last positions. Inputs that
         share a prefix of >= `min_prefix` tokens (MMLU's description + 5 first_n shots) run the
         prefix once into the latent cache and only their suffixes per row."""
@@ -264,7 +277,8 @@ class DSV3LM(TemplateLM):
             order = sorted(idxs, key=lambda i: -len(encs[i]))
             for s in range(0, len(order), self.batch_size):
                 batch = order[s:s + self.batch_size]
-                texts = self._generate([encs[i] for i in batch], max_gen, until, temperature)
+                with self.precision.autocast(self._device):
+                    texts = self._generate([encs[i] for i in batch], max_gen, until, temperature)
                 for i, t in zip(batch, texts):
                     out[i] = t
                     self.cache_hook.add_partial("generate_until", requests[i].args, t)

@@ -165,7 +165,7 @@ def _which_bwrap() -> str | None:
     return shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
 
 
-def probe() -> tuple[str | None, str]:
+def probe_mechanism() -> tuple[str | None, str]:
     """(mechanism, detail) or (None, why none works); a real sandboxed run, cached per process."""
     key = (os.geteuid(), os.environ.get(ENV_MECHANISMS), os.environ.get("PATH"))
     if key in _probed:
@@ -196,7 +196,7 @@ def unavailable_message(why: str) -> str:
 def gate(unsafe: bool = False) -> str:
     """For an entry point about to run model-written code: the mechanism in force; with none, "none"
     plus a loud warning if the user overrode (`--unsafe-no-sandbox`), else SandboxUnavailable."""
-    mech, why = probe()
+    mech, why = probe_mechanism()
     if mech is not None:
         return mech
     if not unsafe:
@@ -210,7 +210,7 @@ def gate(unsafe: bool = False) -> str:
 
 def describe() -> dict:
     """{"mechanism": "bwrap" | None, "detail": ..., "root": bool} for logs and run tags."""
-    mech, detail = probe()
+    mech, detail = probe_mechanism()
     return {"mechanism": mech, "detail": detail, "root": os.geteuid() == 0}
 
 
@@ -247,7 +247,7 @@ def _read(path: Path) -> str:
 def run_code(program: str, timeout_s: float = 10.0, memory_mb: int = 512, nproc: int = 16,
              unsafe: bool | None = None) -> SandboxResult:
     """Run `program` (Python source) in the sandbox; ok iff it exits 0 within the limits."""
-    mech, why = probe()
+    mech, why = probe_mechanism()
     if mech is None and not (_state["unsafe"] if unsafe is None else unsafe):
         raise SandboxUnavailable(unavailable_message(why))
     return _execute(program, timeout_s, memory_mb, nproc, mech, _which_bwrap() if mech else None)

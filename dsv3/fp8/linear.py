@@ -29,8 +29,8 @@ so the FP8 dy^T is what waits, not dy) and queues a closure that runs the rest o
 W op: the same values, bitwise, as the non-split backward. Otherwise (no pipeline) nothing
 changes. ``split_weight_grads`` leaves FP8Linear alone (``splits_weight_grad = True``), and
 ``convert_to_fp8`` undoes its forward swap on a Linear split before conversion, so the
-order of conversion and pipeline split does not matter. The store is imported lazily in
-backward: dsv3.fp8 does not depend on dsv3.parallel at import time.
+order of conversion and pipeline split does not matter. The store lives in dsv3.model.wgrad,
+below both fp8 and parallel.
 
 ``convert_to_fp8(model, skip=...)`` swaps ``nn.Linear`` modules to ``FP8Linear`` in place by
 changing their class: same module objects, same parameter names and tensors, no copies.
@@ -108,7 +108,7 @@ class _FP8LinearFn(torch.autograd.Function):
                 return fp8_gemm(dytq, dyts, xtq, xts, out_dtype=torch.float32, block=block,
                                 backend=backend).to(w_dtype)
 
-            from dsv3.parallel.pipeline import WeightGradStore, accumulate_grad  # lazy: no import-time dependency
+            from dsv3.model.wgrad import WeightGradStore, accumulate_grad
 
             if WeightGradStore.enabled:  # a zero-bubble B: Wgrad runs in the pipeline's W op
                 weight = ctx.weight

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3.model.block import Block
 from dsv3.model.config import ModelConfig
 from dsv3.model.layers import RMSNorm
 
@@ -24,8 +25,6 @@ from dsv3.model.layers import RMSNorm
 class MTPModule(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        from dsv3.model.transformer import Block
-
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps)

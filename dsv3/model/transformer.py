@@ -6,7 +6,7 @@
                  └► MTPModule × num_nextn_predict_layers (training; shared embed/head)
 
 Design choices
-- Pre-norm residual blocks: x += attn(norm(x)); x += ffn(norm(x)).
+- Pre-norm residual blocks (block.py): x += attn(norm(x)); x += ffn(norm(x)).
 - Training/scoring path (`forward`) uses SDPA over full keys; generation (`forward_step`)
   uses the MLA absorbed path over a latent cache (`Cache`), see mla.py.
 - Padding: batches may carry `attention_mask` (1 = token). Positions are the running
@@ -23,13 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv3.model.block import Block
 from dsv3.model.config import ModelConfig
-from dsv3.model.layers import MLP, RMSNorm
-from dsv3.model.mla import MLA
+from dsv3.model.layers import RMSNorm
+from dsv3.model.loss import shifted_cross_entropy
 from dsv3.model.moe import DeepSeekMoE
+from dsv3.model.mtp import MTPModule
 from dsv3.model.rope import RotaryEmbedding
 
 
@@ -42,20 +43,6 @@ class ModelOutput:
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
     balance_loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DeepSeekMoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x: torch.Tensor, rope, mask=None, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LayerCache:
@@ -101,8 +88,6 @@ class DeepSeekV3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        from dsv3.model.mtp import MTPModule
-
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
@@ -195,8 +180,8 @@ class DeepSeekV3(nn.Module):
                 h_k = mod(h_k[:, : S - k], emb[:, k:], rope_k, m_k)
                 out.mtp_logits.append(self.lm_head(mod.norm(h_k)))
         if labels is not None:
-            out.main_loss = _shifted_ce(logits, labels, 1)
-            out.mtp_losses = [_shifted_ce(lg, labels, k + 1) for k, lg in enumerate(out.mtp_logits, start=1)]
+            out.main_loss = shifted_cross_entropy(logits, labels, 1)
+            out.mtp_losses = [shifted_cross_entropy(lg, labels, k + 1) for k, lg in enumerate(out.mtp_logits, start=1)]
             bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
             out.balance_loss = torch.stack(bal).sum() if bal else logits.new_zeros(())
             loss = out.main_loss + out.balance_loss
@@ -277,11 +262,3 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
-
-
-def _shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
-    """CE of logits[:, i] against labels[:, i + shift] (HF convention for shift = 1)."""
-    S_l = logits.shape[1]
-    tgt = labels[:, shift:shift + S_l]
-    lg = logits[:, : tgt.shape[1]]
-    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100)

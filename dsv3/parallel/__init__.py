@@ -4,7 +4,7 @@ from dsv3.parallel.config import ParallelConfig
 from dsv3.parallel.expert import ExpertParallelMoE, all_to_all, shard_experts
 from dsv3.parallel.pipeline import (DualPipe, DualPipeV, OneFOneB, PipelineSchedule, WeightGradStore, run_backward,
                                     set_p2p_tensor_dtype, set_p2p_tensor_shapes, split_weight_grads)
-from dsv3.parallel.stages import Stage, pipeline_for, split_model
+from dsv3.parallel.partition import Stage, pipeline_for, split_model
 
 __all__ = ["ParallelConfig", "DualPipe", "DualPipeV", "OneFOneB", "PipelineSchedule", "WeightGradStore",
            "run_backward", "set_p2p_tensor_dtype", "set_p2p_tensor_shapes", "split_weight_grads",

@@ -5,11 +5,13 @@
   indices where stages start (None: even split, see stages.layer_split).
 - `ep`, `ep_ranks_per_node`, `max_nodes`: expert-parallel ranks, ranks grouped into a "node", and M of
   node-limited routing (None: the model's own group-limited routing).
-Pretraining with `pp > 1` (§3.2.1) runs dp × pp Ray workers and replaces the loop's forward/backward
-with dsv3/train/pipeline_step.py (its `check_config` adds the run-level errors: pp vs the number of
-ranks, stages vs layers, batch vs num_chunks). With `ep > 1` (§3.2.2) pretraining shards the routed experts
-over EP groups of `ep` consecutive dp ranks (dsv3/train/expert_step.py; `check_config` there: ep must divide
-dp and n_routed_experts); with pp > 1 too, the EP groups are formed inside each stage position's dp group.
+Validation here covers the rules that need only these fields (DualPipe's even pp, num_chunks >= 2·pp,
+node-limited routing); dsv3/train/layout.py `check_layout` adds the run-level ones (dp × pp ranks,
+stages vs layers, batch vs num_chunks, ep vs dp and the experts). Pretraining with `pp > 1` (§3.2.1)
+runs dp × pp Ray workers and a PipelineStep (dsv3/train/pipeline_step.py); with `ep > 1` (§3.2.2) an
+ExpertStep shards the routed experts over EP groups of `ep` consecutive dp ranks
+(dsv3/train/expert_step.py); with pp > 1 too, the EP groups are formed inside each stage position's dp
+group.
 """
 
 from typing import Literal

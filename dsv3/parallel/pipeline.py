@@ -52,46 +52,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsv3.model.wgrad import WeightGradStore, accumulate_grad  # noqa: F401  (the reference API names)
 from dsv3.parallel import schedules
-
-
-class WeightGradStore:
-    """Deferred weight-gradient closures: `put` while a zero-bubble B runs, `flush` closes one chunk,
-    `pop` (a W op) runs the oldest chunk's closures."""
-
-    enabled = False
-    cache: list = []
-    queue: deque = deque()
-
-    @classmethod
-    def put(cls, fn: Callable) -> None:
-        cls.cache.append(fn)
-
-    @classmethod
-    def flush(cls) -> None:
-        cls.queue.append(cls.cache)
-        cls.cache = []
-
-    @classmethod
-    def pop(cls) -> None:
-        assert cls.queue, "W op with an empty WeightGradStore"
-        for fn in cls.queue.popleft():
-            fn()
-
-    @classmethod
-    def clear(cls) -> None:
-        cls.enabled, cls.cache = False, []
-        cls.queue.clear()
-
-
-def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    """p.grad += g as autograd would: a grad computed under bf16 autocast is cast to the parameter's dtype
-    first (autograd casts a Function's returned grads to the input's dtype; a deferred W op must too)."""
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad += g
 
 
 def run_backward(tensors, grad_tensors) -> None:

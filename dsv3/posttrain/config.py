@@ -79,7 +79,7 @@ class GRPOConfig(_Section):
     adv_eps: float = Field(1e-4, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     max_operand: int = Field(4, ge=1)  # built-in arithmetic task: a+b with a,b <= this
-    rollout_workers: int = Field(0, ge=0)  # >0: rollouts on Ray actors (dsv3.launch)
+    rollout_workers: int = Field(0, ge=0)  # >0: rollouts on Ray actors (dsv3.cluster)
     seed: int = 0
 
 

@@ -17,8 +17,12 @@ DeepSeekMath formula). μ = `inner_epochs` optimisation passes reuse one rollout
 Tracked per step: `grpo/reward_mean`, `grpo/reward_std`, `grpo/kl` (mean over the inner
 epochs; `grpo/kl_start`: before the step's first update), `grpo/clip_frac`,
 `grpo/resp_len`, `grpo/entropy`, `grpo/loss`. Rollouts may run on Ray actors
-(`rollout_workers > 0`, through `dsv3.launch.ray_map`); the policy weights travel to the
+(`rollout_workers > 0`, through `dsv3.cluster.ray_map`); the policy weights travel to the
 workers each step as a CPU state dict.
+
+Precision (§3.3): `precision` (a `dsv3.train.precision.Precision` or its name, fp32 by default)
+converts the policy and the reference in place (fp8: FP8 Linears) and autocasts every forward:
+rollouts (also on Ray workers), log-probabilities and the update. Master weights stay fp32.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 import torch
 
 from dsv3.posttrain.rollout import Rollout, rollout, token_logprobs
+from dsv3.train.precision import Precision
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -72,15 +77,18 @@ def arithmetic_task(n: int = 200, seed: int = 0, max_operand: int = 4) -> list[d
 
 
 def _remote_rollout(args):
-    """Ray worker body: rebuild the policy from (config, state dict) and sample."""
-    cfg_json, state, tok_dir, prompts, g, max_new, temp, seed = args
+    """Ray worker body: rebuild the policy from (config, state dict) in its precision and sample."""
+    cfg_json, state, tok_dir, prompts, g, max_new, temp, seed, precision = args
     from dsv3 import DeepSeekV3, ModelConfig
     from dsv3.data.chat import load_tokenizer
 
     torch.manual_seed(seed)
+    precision = Precision.of(precision)
     m = DeepSeekV3(ModelConfig.model_validate_json(cfg_json))
     m.load_state_dict(state)
-    r = rollout(m, load_tokenizer(tok_dir), prompts, g, max_new, temp)
+    precision.prepare(m)
+    with precision.autocast(m.device):
+        r = rollout(m, load_tokenizer(tok_dir), prompts, g, max_new, temp)
     return r.seq, r.attention_mask, r.response_mask, r.prompt_len, r.texts
 
 
@@ -97,25 +105,30 @@ def _merge(parts) -> Rollout:
     return Rollout(torch.cat(seqs), torch.cat(ams), torch.cat(rms), P, texts)
 
 
-def ray_rollout(policy, tok_dir: str, prompts: list[str], cfg, step: int) -> Rollout:
-    from dsv3.launch import ray_map
+def ray_rollout(policy, tok_dir: str, prompts: list[str], cfg, step: int,
+                precision: Precision | str = "fp32") -> Rollout:
+    from dsv3.cluster import ray_map
 
     state = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
     w = min(cfg.rollout_workers, len(prompts))
     size = -(-len(prompts) // w)
     chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]  # contiguous: order kept
     items = [(policy.config.model_dump_json(), state, tok_dir, c, cfg.group_size, cfg.max_new_tokens,
-              cfg.temperature, cfg.seed * 1000 + step * 10 + i) for i, c in enumerate(chunks)]
+              cfg.temperature, cfg.seed * 1000 + step * 10 + i, str(precision)) for i, c in enumerate(chunks)]
     return _merge(ray_map(_remote_rollout, items, workers=len(items)))
 
 
 def train_grpo(policy, tok, problems: list[dict], reward_fn, cfg, ref=None, log=None,
-               tok_dir: str | None = None) -> list[dict]:
+               tok_dir: str | None = None, precision: Precision | str = "fp32") -> list[dict]:
     """Run `cfg.steps` GRPO steps in place on `policy`; returns the per-step metrics."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    precision = Precision.of(precision)
+    precision.prepare(policy)
     if ref is None:
         ref = copy.deepcopy(policy)
+    precision.prepare(ref)
+    device = policy.device
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -127,21 +140,23 @@ def train_grpo(policy, tok, problems: list[dict], reward_fn, cfg, ref=None, log=
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
         prompts = [p["prompt"] for p in batch]
         if cfg.rollout_workers > 0 and tok_dir:
-            ro = ray_rollout(policy, tok_dir, prompts, cfg, step)
+            ro = ray_rollout(policy, tok_dir, prompts, cfg, step, precision)
         else:
-            ro = rollout(policy, tok, prompts, G, cfg.max_new_tokens, cfg.temperature)
+            with precision.autocast(device):
+                ro = rollout(policy, tok, prompts, G, cfg.max_new_tokens, cfg.temperature)
         samples = [p for p in batch for _ in range(G)]
         rewards = torch.tensor(reward_fn(samples, ro.texts), dtype=torch.float32)
         adv = group_advantages(rewards, G, cfg.adv_eps)
         mask = ro.response_mask
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast(device):
             old_lp = token_logprobs(policy, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature)
             ref_lp = token_logprobs(ref, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature)
         policy.train()
         agg: dict[str, float] = {}
         for epoch in range(cfg.inner_epochs):
-            lp, ent = token_logprobs(policy, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature,
-                                     with_entropy=True)
+            with precision.autocast(device):
+                lp, ent = token_logprobs(policy, ro.seq, ro.attention_mask, ro.prompt_len, cfg.temperature,
+                                         with_entropy=True)
             loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
             if epoch == 0:  # KL of the rollout policy itself, before this step's updates
                 agg["kl_start"] = st["kl"]

@@ -18,6 +18,9 @@ Model-based: `RewardModel` is a dsv3 backbone with a scalar head on the hidden s
 the last real token, trained on preference pairs with the Bradley–Terry loss
 -log σ(r_chosen − r_rejected); `train_reward_model` reports held-out pairwise accuracy.
 `ModelReward` wraps it in the common interface.
+Precision (§3.3): `precision` (a `dsv3.train.precision.Precision` or its name, fp32 by default)
+converts the backbone in place (fp8: FP8 Linears; the scalar head stays a plain Linear) and
+autocasts its forwards, in training, pairwise accuracy and scoring alike.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dsv3.train.precision import Precision
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -141,12 +146,13 @@ class Combined:
         return total
 
 
-def build_reward(cfg, reward_model: "RewardModel | None" = None, tokenizer=None) -> Combined:
+def build_reward(cfg, reward_model: "RewardModel | None" = None, tokenizer=None,
+                 precision: Precision | str = "fp32") -> Combined:
     """The reward of a RewardConfig: rules, plus the reward model when model_weight > 0."""
     parts = [(cfg.math_weight, MathReward()), (cfg.format_weight, FormatReward()),
              (cfg.code_weight, CodeReward(cfg.code_timeout_s))]
     if cfg.model_weight and reward_model is not None:
-        parts.append((cfg.model_weight, ModelReward(reward_model, tokenizer)))
+        parts.append((cfg.model_weight, ModelReward(reward_model, tokenizer, precision=precision)))
     return Combined(parts)
 
 
@@ -212,8 +218,10 @@ def _encode(tok, prompt: str, response: str) -> list[int]:
 
 
 class ModelReward:
-    def __init__(self, rm: RewardModel, tokenizer, batch_size: int = 32):
+    def __init__(self, rm: RewardModel, tokenizer, batch_size: int = 32, precision: Precision | str = "fp32"):
         self.rm, self.tok, self.bs = rm, tokenizer, batch_size
+        self.precision = Precision.of(precision)
+        self.precision.prepare(rm.backbone)
 
     @torch.no_grad()
     def __call__(self, samples: list[dict], responses: list[str]) -> list[float]:
@@ -224,7 +232,8 @@ class ModelReward:
             seqs = [_encode(self.tok, s["prompt"], r) for s, r in
                     zip(samples[i:i + self.bs], responses[i:i + self.bs])]
             ids, mask = _right_pad(seqs, self.tok.pad_token_id)
-            out += self.rm(ids, mask).tolist()
+            with self.precision.autocast(ids.device):
+                out += self.rm(ids, mask).float().tolist()
         self.rm.train(was)
         return out
 
@@ -264,32 +273,39 @@ def _pair_batches(pairs, tok, bs):
 
 
 @torch.no_grad()
-def pairwise_accuracy(rm: RewardModel, tok, pairs: list[dict], batch_size: int = 32) -> float:
+def pairwise_accuracy(rm: RewardModel, tok, pairs: list[dict], batch_size: int = 32,
+                      precision: Precision | str = "fp32") -> float:
+    precision = Precision.of(precision)
     rm.eval()
     hits = 0
     for (ids, mask), n in _pair_batches(pairs, tok, batch_size):
-        s = rm(ids, mask)
-        hits += float((s[:n] > s[n:]).sum()) + 0.5 * float((s[:n] == s[n:]).sum())  # ties: half
+        with precision.autocast(ids.device):
+            scores = rm(ids, mask)
+        hits += float((scores[:n] > scores[n:]).sum()) + 0.5 * float((scores[:n] == scores[n:]).sum())  # ties: half
     rm.train()
     return hits / max(len(pairs), 1)
 
 
-def train_reward_model(rm: RewardModel, tok, pairs: list[dict], cfg, log=None) -> dict:
+def train_reward_model(rm: RewardModel, tok, pairs: list[dict], cfg, log=None,
+                       precision: Precision | str = "fp32") -> dict:
     """Bradley–Terry training; returns {'val/pair_acc_before', 'val/pair_acc', 'train/loss'}."""
+    precision = Precision.of(precision)
+    precision.prepare(rm.backbone)
     torch.manual_seed(cfg.seed)
     pairs = list(pairs)
     random.Random(cfg.seed).shuffle(pairs)
     n_val = max(1, int(len(pairs) * cfg.rm_val_fraction))
     val, train = pairs[:n_val], pairs[n_val:]
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
-    res = {"val/pair_acc_before": pairwise_accuracy(rm, tok, val)}
+    res = {"val/pair_acc_before": pairwise_accuracy(rm, tok, val, precision=precision)}
     step, loss = 0, torch.tensor(0.0)
     rm.train()
     for ep in range(cfg.rm_epochs):
         random.Random(cfg.seed + ep).shuffle(train)
         for (ids, mask), n in _pair_batches(train, tok, cfg.rm_batch_size):
-            s = rm(ids, mask)
-            loss = bradley_terry_loss(s[:n], s[n:])
+            with precision.autocast(ids.device):
+                scores = rm(ids, mask)
+            loss = bradley_terry_loss(scores[:n].float(), scores[n:].float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
@@ -297,7 +313,7 @@ def train_reward_model(rm: RewardModel, tok, pairs: list[dict], cfg, log=None) -
             step += 1
             if log:
                 log({"rm/loss": loss.detach().item()}, step)
-        acc = pairwise_accuracy(rm, tok, val)
+        acc = pairwise_accuracy(rm, tok, val, precision=precision)
         if log:
             log({"rm/val_pair_acc": acc}, step)
     res.update({"val/pair_acc": acc, "train/loss": float(loss.detach()), "steps": step,

@@ -16,6 +16,9 @@
   tokenizer (`save_pretrained`), the last one being the stage output.
 - Tracking: `dsv3.tracking.log_metrics` (`sft/loss`, `sft/lr`, `val/loss`), a no-op
   outside an MLflow run.
+- Precision (§3.3): `precision` (a `dsv3.train.precision.Precision` or its name, fp32 by default)
+  converts the model in place (fp8: FP8 Linears) and autocasts every forward, training and
+  validation alike; master weights and AdamW states stay fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 
 from dsv3.data.chat import IGNORE, encode_chat
 from dsv3.posttrain.sft_data import to_messages
+from dsv3.train.optim import param_groups
+from dsv3.train.precision import Precision
 
 
 def encode_records(tok, records: list[dict], seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -61,7 +66,7 @@ def make_batches(samples: list[tuple[list[int], list[int]]], batch_size: int, pa
     return out
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+def sft_lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -69,14 +74,16 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> fl
 
 
 @torch.no_grad()
-def evaluate(model, batches) -> float:
+def sft_val_loss(model, batches, precision: Precision | str = "fp32") -> float:
     """Mean main-model CE per assistant token."""
+    precision = Precision.of(precision)
     was = model.training
     model.eval()
     tot, n = 0.0, 0
     for ids, lab, am in batches:
         k = int((lab[:, 1:] != IGNORE).sum())
-        out = model(ids, labels=lab, attention_mask=am)
+        with precision.autocast(ids.device):
+            out = model(ids, labels=lab, attention_mask=am)
         tot += float(out.main_loss) * k
         n += k
     model.train(was)
@@ -92,29 +99,22 @@ def save_checkpoint(model, tok, out_dir: str | Path) -> str:
     return str(p)
 
 
-def _param_groups(model, wd: float):
-    """dsv3.train's grouping (no decay on norms/biases) when available."""
-    try:
-        from dsv3.train.optim import param_groups
-    except ImportError:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": wd}]
-    return param_groups(model, wd)
-
-
 def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cfg,
-              out_dir: str | Path | None = None, log=None) -> dict:
+              out_dir: str | Path | None = None, log=None, precision: Precision | str = "fp32") -> dict:
     """SFT in place on `model`; returns {'train/loss', 'val/loss', 'val/loss_before', 'steps', 'ckpt'}."""
     from dsv3 import tracking
 
     log = log or tracking.log_metrics
+    precision = Precision.of(precision)
+    precision.prepare(model)
     torch.manual_seed(cfg.seed)
     tr = encode_records(tok, train_records, cfg.seq_len)
     va = make_batches(encode_records(tok, val_records, cfg.seq_len), cfg.batch_size, tok.pad_token_id,
                       shuffle=False)
     per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    res = {"val/loss_before": evaluate(model, va) if va else float("nan")}
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    res = {"val/loss_before": sft_val_loss(model, va, precision) if va else float("nan")}
     log({"val/loss": res["val/loss_before"]}, 0)
     model.train()
     step, loss, t0, ntok = 0, torch.tensor(float("nan")), time.perf_counter(), 0
@@ -122,10 +122,11 @@ def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cf
         for ids, lab, am in make_batches(tr, cfg.batch_size, tok.pad_token_id, seed=cfg.seed + ep):
             if step >= total:
                 break
-            lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            lr = sft_lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = model(ids, labels=lab, attention_mask=am)
+            with precision.autocast(ids.device):
+                out = model(ids, labels=lab, attention_mask=am)
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,10 +138,10 @@ def train_sft(model, tok, train_records: list[dict], val_records: list[dict], cf
                  "sft/grad_norm": float(gn), "sft/epoch": ep,
                  "perf/tokens_per_s": ntok / (time.perf_counter() - t0)}, step)
             if va and step % cfg.eval_every == 0:
-                log({"val/loss": evaluate(model, va)}, step)
+                log({"val/loss": sft_val_loss(model, va, precision)}, step)
             if out_dir and cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(model, tok, Path(out_dir) / f"step-{step}")
-    res["val/loss"] = evaluate(model, va) if va else float("nan")
+    res["val/loss"] = sft_val_loss(model, va, precision) if va else float("nan")
     log({"val/loss": res["val/loss"]}, step)
     res.update({"train/loss": float(loss.detach()), "steps": step, "n_train": len(tr)})
     if out_dir:

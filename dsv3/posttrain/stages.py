@@ -4,7 +4,8 @@
 one reads the previous stage's checkpoint by URI (a path, `runs:/`, `models:/`, resolved
 by `dsv3.tracking.resolve_model_uri`), writes an HF-format directory (weights +
 tokenizer) and is one MLflow run (stage tag, parent run id, metrics under its namespace).
-The CLI (`dsv3 sft|reward|grpo|distill`) and `flows/posttrain.py` are thin callers.
+The CLI (`dsv3 sft|reward|grpo|distill`) and `flows/posttrain.py` are thin callers. Every stage
+trains and scores in the run's `train.precision` (dsv3.train.precision: fp32, bf16 or fp8).
 
 `fresh_init` gives the CPU default when no pretrained checkpoint exists yet: a model of
 the run's preset with a byte-level BPE tokenizer trained on the generated data (so the
@@ -88,7 +89,7 @@ def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: s
 
         model, tok, _ = load_model(teacher)
         verifiable = [r for r in recs if r["kind"] != "instruction"]
-        kept, st = rejection_sample(model, tok, verifiable, build_reward(run_cfg.posttrain.reward),
+        kept, st = rejection_sample(model, tok, verifiable, build_reward(run_cfg.posttrain.reward, precision=run_cfg.train.precision),
                                     d.samples_per_prompt, d.max_new_tokens, d.temperature,
                                     teacher_uri=str(teacher))
         recs = kept + [r for r in recs if r["kind"] == "instruction"]
@@ -122,7 +123,7 @@ def stage_sft(run_cfg, init_uri: str, data: dict, out_dir: str | Path, parent_ru
         model, tok, _ = load_model(init_uri)
         if data.get("sha256"):
             tracking.log_dataset_input(data["sha256"], "sft_train", data["train"])
-        res = train_sft(model, tok, read_dataset(data["train"]), read_dataset(data["val"]), c, out_dir)
+        res = train_sft(model, tok, read_dataset(data["train"]), read_dataset(data["val"]), c, out_dir, precision=run_cfg.train.precision)
         tracking.log_metrics({"sft/final_val_loss": res["val/loss"]}, res["steps"])
         return {**res, "ckpt": str(out_dir), "run_id": run.info.run_id}
 
@@ -136,7 +137,8 @@ def stage_reward(run_cfg, init_uri: str, data: dict, out_dir: str | Path, parent
         model, tok, _ = load_model(init_uri)
         recs = [r for r in read_dataset(data["train"]) if r["kind"] != "code"][: c.rm_pairs]
         rm = RewardModel(model)
-        res = train_reward_model(rm, tok, preference_pairs(recs, c.seed), c, log=tracking.log_metrics)
+        res = train_reward_model(rm, tok, preference_pairs(recs, c.seed), c, log=tracking.log_metrics,
+                                 precision=run_cfg.train.precision)
         tracking.log_metrics({"val/pair_acc": res["val/pair_acc"]}, res["steps"])
         rm.save(out_dir)
         tok.save_pretrained(str(out_dir))
@@ -148,7 +150,7 @@ def _reward_fn(run_cfg, rm_uri: str | None, tok):
 
     c = run_cfg.posttrain.reward
     rm = RewardModel.load(tracking.resolve_model_uri(rm_uri)) if (rm_uri and c.model_weight) else None
-    return build_reward(c, rm, tok)
+    return build_reward(c, rm, tok, precision=run_cfg.train.precision)
 
 
 def stage_grpo(run_cfg, init_uri: str, out_dir: str | Path, rm_uri: str | None = None,
@@ -162,7 +164,7 @@ def stage_grpo(run_cfg, init_uri: str, out_dir: str | Path, rm_uri: str | None =
         model, tok, d = load_model(init_uri)
         problems = arithmetic_task(500, c.seed, c.max_operand)
         hist = train_grpo(model, tok, problems, _reward_fn(run_cfg, rm_uri, tok), c,
-                          log=tracking.log_metrics, tok_dir=d)
+                          log=tracking.log_metrics, tok_dir=d, precision=run_cfg.train.precision)
         _save(model, tok, Path(out_dir))
         _plot(hist, "grpo/reward_mean", Path(out_dir) / "reward_curve.png")
         k = max(1, len(hist) // 4)
@@ -189,13 +191,14 @@ def stage_distill(run_cfg, student_uri: str, teacher_uri: str, data: dict, out_d
         if c.mode in ("sequence", "both"):
             sft_cfg = run_cfg.posttrain.sft.model_copy(update={"max_steps": c.steps, "lr": c.lr})
             probs = [r for r in train if r["kind"] in ("arithmetic", "algebra")][: c.steps * c.batch_size]
-            seq = distill_sequence(student, teacher, tok, probs, val, build_reward(run_cfg.posttrain.reward),
-                                   c, sft_cfg, run_cfg.posttrain.data, log=tracking.log_metrics,
-                                   teacher_uri=teacher_uri)
+            reward = build_reward(run_cfg.posttrain.reward, precision=run_cfg.train.precision)
+            seq = distill_sequence(student, teacher, tok, probs, val, reward, c, sft_cfg, run_cfg.posttrain.data,
+                                   log=tracking.log_metrics, teacher_uri=teacher_uri,
+                                   precision=run_cfg.train.precision)
             res.update({k: v for k, v in seq.items() if k != "records"})
         if c.mode in ("token", "both"):
             res.update(distill_token(student, teacher, tok, train, val, c, log=tracking.log_metrics,
-                                     seq_len=run_cfg.posttrain.sft.seq_len))
+                                     seq_len=run_cfg.posttrain.sft.seq_len, precision=run_cfg.train.precision))
         _save(student, tok, Path(out_dir))
         return {**res, "ckpt": str(out_dir), "run_id": run.info.run_id}
 

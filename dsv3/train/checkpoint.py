@@ -1,4 +1,4 @@
-"""Atomic, checksummed, rotating training checkpoints (issue 4 point 4).
+"""Atomic, checksummed, rotating training checkpoints.
 
 Layout of `<out_dir>/checkpoints/step_00000123/`:
     model/               HF format (config.json + safetensors via `model.save_pretrained`)
@@ -18,7 +18,7 @@ Design choices
   previous one is used.
 - Safe loading: safetensors and `torch.load(weights_only=True)` only; no arbitrary
   unpickling. The scheduler needs no state beyond `step` (schedules are pure functions
-  of the step, see schedule.py); the data loader needs only the sample position.
+  of the step, see lr_schedule.py); the data loader needs only the sample position.
 - keep-last-K: older complete checkpoints are deleted after a successful save.
 """
 
@@ -36,13 +36,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsv3.errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
+
 log = logging.getLogger("dsv3.train")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -184,12 +182,42 @@ def load(ckpt: str | Path, model, optimizer=None, ema=None, part=None) -> dict[s
         full = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(full if part is None else part.local_optimizer_state(optimizer, full))
     if ema is not None and (d / "ema.safetensors").is_file():
-        e = load_file(d / "ema.safetensors")
-        ema.load_state_dict(e if part is None else part.local_ema_state(ema, e))
+        ema_state = load_file(d / "ema.safetensors")
+        ema.load_state_dict(ema_state if part is None else part.local_ema_state(ema, ema_state))
     torch.set_rng_state(extra["rng_cpu"])
     if "rng_cuda" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng_cuda"])
     return json.loads((d / "state.json").read_text())
+
+
+def merge_optimizer_state(param_groups: list[dict], group_names: list[list[str]], state: dict[str, dict]) -> dict:
+    """The whole model's optimizer state_dict from per-parameter states gathered by name: `group_names[g]`
+    = the whole model's parameter names of group g in the optimizer's order (indices are numbered over
+    the groups in order, as torch does), `param_groups` = the groups' hyper-parameters."""
+    index = {n: i for i, n in enumerate(n for names in group_names for n in names)}
+    groups, start = [], 0
+    for pg, names in zip(param_groups, group_names):
+        groups.append({**pg, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": {index[n]: st for n, st in sorted(state.items(), key=lambda kv: index[kv[0]])},
+            "param_groups": groups}
+
+
+def slice_optimizer_state(full: dict, group_names: list[list[str]], local_names: list[list[str]],
+                          to_whole=lambda n: n, keep=None) -> dict:
+    """This rank's optimizer state_dict from a whole one (`merge_optimizer_state`'s layout): `local_names[g]`
+    = this rank's parameter names of group g in its optimizer's order, `to_whole(local name)` = the name in
+    the whole model, `keep(local name)` (default: all) = whether this rank takes that parameter's state."""
+    index = {n: i for i, n in enumerate(n for names in group_names for n in names)}
+    local, groups, start = {}, [], 0
+    for pg, names in zip(full["param_groups"], local_names):
+        for k, n in enumerate(names):
+            i = index[to_whole(n)]
+            if i in full["state"] and (keep is None or keep(n)):
+                local[start + k] = full["state"][i]
+        groups.append({**pg, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": local, "param_groups": groups}
 
 
 class StateDict:

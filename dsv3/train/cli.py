@@ -25,7 +25,7 @@ def _load(a):
 def _pretrain(a) -> int:
     cfg = _load(a)
     if a.ray or cfg.parallel.pp > 1 or cfg.parallel.ep > 1:
-        from dsv3.launch import run_training
+        from dsv3.train.launcher import run_training
 
         res = run_training(cfg, num_workers=a.workers, resume=a.resume)  # GPUs per parallel.use_gpu
     else:

@@ -27,7 +27,7 @@ class CpuEMA:
         params = dict(model.named_parameters())
         self.ema = [params[n].detach().to("cpu", torch.float32, copy=True) for n in self.names]
         pin = torch.cuda.is_available() and params[self.names[0]].is_cuda
-        self.snap = [torch.empty_like(t, pin_memory=pin) for t in self.ema]
+        self.snap = [torch.empty_like(avg, pin_memory=pin) for avg in self.ema]
         self.updates = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -60,7 +60,7 @@ class CpuEMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.wait()
-        return {n: t for n, t in zip(self.names, self.ema)}
+        return dict(zip(self.names, self.ema))
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.wait()

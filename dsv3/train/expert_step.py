@@ -1,7 +1,7 @@
-"""Expert parallelism in pretraining (report §3.2.2), for `train(cfg)` when `cfg.parallel.ep > 1` (issue 7).
+"""Expert parallelism in pretraining (report §3.2.2): the `TrainStep` (step.py) when `cfg.parallel.ep > 1`.
 
 The ranks are the `parallel.dp` data-parallel workers of the training group (Ray Train via
-`dsv3.launch.run_training`; gloo on CPU, NCCL on GPU); this module only uses torch.distributed. With
+`dsv3.train.launcher.run_training`; gloo on CPU, NCCL on GPU); this module only uses torch.distributed. With
 pipeline parallelism (`parallel.pp` = P > 1, world = dp × P) see "With pipelines" below.
 
 Design (§3.2.2: attention and the dense parts data-parallel, routed experts sharded over the EP group):
@@ -41,7 +41,7 @@ d·P .. d·P+P-1 (dsv3/train/pipeline_step.py); at each stage position i the EP 
 members of that position's data-parallel group ({(g·M + k)·P + i : k < M}), the replica groups the same
 slice in its other EP groups. `ExpertStep` is built first (whole model, then the expert slices), then
 `PipelineStep(model, cfg, ep=...)` frees the other stages; the pipeline does the rest with this object's
-groups and maps (`g`, `expert_names`, `whole_optimizer` / `local_optimizer`, `pad_batches`): non-expert
+groups and maps (`whole_name`, `expert_names`, `whole_groups`, `pad_batches`): non-expert
 held grads averaged over the stage's dp group, expert slices over the replica group (both / dp), the
 clip norm summed over the pipeline (each parameter on its owner) and the expert part over the EP group,
 checkpoints gathered from pipelines 0..M-1 (which hold every stage and every slice) into one whole
@@ -54,127 +54,105 @@ on every pipeline, padded to the same number of batches. So 1F1B, DualPipe and D
 (tests/train/test_pipeline.py: the EP group's members advance op by op together, like one rank of a
 single pipeline, whose schedule does not deadlock). Not tried on NCCL, where the all-to-all and the
 pipeline's P2P run on two communicators.
-Unsupported (ConfigError naming the key, from `check_config`, before any work; dsv3.launch.run_training
-checks too, before starting Ray): ep not dividing parallel.dp or model.n_routed_experts, ranks !=
-parallel.dp × parallel.pp, a model without MoE layers. Not done: the paper's per-node de-duplicated
-dispatch and the overlapped (dual micro-batch) training path (see dsv3/parallel/expert.py).
+Unsupported (ConfigError naming the key, from `check_expert_config` via layout.check_layout, before any
+work; dsv3.train.launcher.run_training checks too, before starting Ray): ep not dividing parallel.dp or
+model.n_routed_experts, ranks != parallel.dp × parallel.pp, a model without MoE layers. Not done: the
+paper's per-node de-duplicated dispatch and the overlapped (dual micro-batch) training path (see
+dsv3/parallel/expert.py).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ConfigError
-from dsv3.train.checkpoint import StateDict
+from dsv3.parallel import collectives
+from dsv3.parallel.expert import ExpertParallelMoE, shard_experts
+from dsv3.train.checkpoint import StateDict, merge_optimizer_state, slice_optimizer_state
+from dsv3.train.optim import group_names
+from dsv3.train.step import PlainStep, evaluate
 
 
-def check_config(cfg, world: int) -> None:
-    """Errors for an expert-parallel run that cannot work, naming the config key."""
-    p, m = cfg.parallel, cfg.model
-    if p.ep <= 1:
+def check_expert_config(cfg) -> None:
+    """Errors for an expert-parallel layout that cannot work, naming the config key (ranks: layout.py)."""
+    par, mcfg = cfg.parallel, cfg.model
+    if par.ep <= 1:
         return
-    if p.dp % p.ep:
-        raise ConfigError(f"parallel.ep: ep={p.ep} does not divide parallel.dp={p.dp} (EP groups are made of "
+    if par.dp % par.ep:
+        raise ConfigError(f"parallel.ep: ep={par.ep} does not divide parallel.dp={par.dp} (EP groups are made of "
                           "data-parallel ranks)")
-    if m.n_routed_experts % p.ep:
-        raise ConfigError(f"parallel.ep: ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
-    if m.first_k_dense_replace >= m.num_hidden_layers and not m.num_nextn_predict_layers:
-        raise ConfigError(f"parallel.ep: ep={p.ep} but the model has no MoE layer (model.first_k_dense_replace)")
-    if world != p.dp * p.pp:
-        raise ConfigError(f"parallel.dp: expert parallelism needs dp × pp = {p.dp} × {p.pp} ranks, got {world} "
-                          "(launch with dsv3.launch.run_training / dsv3 pretrain, which start dp × pp workers)")
+    if mcfg.n_routed_experts % par.ep:
+        raise ConfigError(f"parallel.ep: ep={par.ep} does not divide model.n_routed_experts={mcfg.n_routed_experts}")
+    if mcfg.first_k_dense_replace >= mcfg.num_hidden_layers and not mcfg.num_nextn_predict_layers:
+        raise ConfigError(f"parallel.ep: ep={par.ep} but the model has no MoE layer (model.first_k_dense_replace)")
 
 
-class ExpertStep:
+def _cpu(state: dict) -> dict:
+    return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+class ExpertStep(PlainStep):
     """This rank's expert-parallel state; see the module docstring. Shards `model` in place."""
 
     def __init__(self, model, cfg):
-        from dsv3.parallel.expert import ExpertParallelMoE, shard_experts
-
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        check_config(cfg, self.world)
-        M = self.M = cfg.parallel.ep
-        D, P = self.dp, self.pp = cfg.parallel.dp, cfg.parallel.pp
-        self.config = model.config
-        # per stage position i (pp = 1: one position, the world), its data-parallel ranks d·P + i, d < D;
+        super().__init__(model, cfg)
+        check_expert_config(cfg)
+        self.ep_size = M = cfg.parallel.ep
+        dp, pp = cfg.parallel.dp, cfg.parallel.pp
+        # per stage position i (pp = 1: one position, the world), its data-parallel ranks d·pp + i, d < dp;
         # EP groups: M consecutive of them; replica groups: the same expert slice in the other EP groups
-        for i in range(P):
-            for g in range(D // M):
-                ranks = [(g * M + k) * P + i for k in range(M)]
+        for i in range(pp):
+            for group in range(dp // M):
+                ranks = [(group * M + k) * pp + i for k in range(M)]
                 pg = dist.new_group(ranks)
                 if self.rank in ranks:
                     self.ep_group = pg
             for j in range(M):
-                ranks = [(j + t * M) * P + i for t in range(D // M)]
+                ranks = [(j + r * M) * pp + i for r in range(dp // M)]
                 pg = dist.new_group(ranks)
                 if self.rank in ranks:
-                    self.rep_group, self.n_rep = pg, len(ranks)
-        # the whole model's optimizer order (names), as a plain run's AdamW sees it
-        self.full_groups = _groups(model)
+                    self.replica_group, self.n_replicas = pg, len(ranks)
+        self.whole_groups = group_names(model)  # the whole model's optimizer order, as a plain run's AdamW sees it
         shard_experts(model, self.ep_group, cfg.parallel.ep_ranks_per_node, cfg.parallel.max_nodes)
-        self.glob: dict[str, str] = {}  # local parameter / buffer name -> name in the whole model
+        self._whole: dict[str, str] = {}  # local parameter name -> name in the whole model
         self.expert_names: set[str] = set()  # local names of this rank's routed-expert parameters
         for mname, mod in model.named_modules():
             if isinstance(mod, ExpertParallelMoE):
                 lo = mod.local_range[0]
-                for i, e in enumerate(mod.experts):
-                    for pn, _ in e.named_parameters():
-                        local = f"{mname}.experts.{i}.{pn}"
-                        self.glob[local] = f"{mname}.experts.{lo + i}.{pn}"
+                for i, expert in enumerate(mod.experts):
+                    for pname, _ in expert.named_parameters():
+                        local = f"{mname}.experts.{i}.{pname}"
+                        self._whole[local] = f"{mname}.experts.{lo + i}.{pname}"
                         self.expert_names.add(local)
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if n in self.expert_names and p.requires_grad]
         self.dense_params = [p for n, p in named if n not in self.expert_names and p.requires_grad]
-        self.device = self.dense_params[0].device  # collectives on the model's device (NCCL needs CUDA tensors)
-        n_exp = torch.tensor([sum(p.numel() for p in self.expert_params)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(n_exp, group=self.ep_group)
-        self.n_params = sum(p.numel() for p in self.dense_params) + int(n_exp)  # the whole model's count
-        self.model = model
+        self.params = self.dense_params + self.expert_params
+        n_expert = torch.tensor([sum(p.numel() for p in self.expert_params)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(n_expert, group=self.ep_group)
+        self.n_params = sum(p.numel() for p in self.dense_params) + int(n_expert)  # the whole model's count
+        self.part = self
 
-    def g(self, local: str) -> str:
-        return self.glob.get(local, local)
+    def whole_name(self, local: str) -> str:
+        return self._whole.get(local, local)
 
     # ---------- gradients ----------
-    @torch.no_grad()
-    def allreduce_grads(self) -> None:
+    def sync_grads(self, sums: torch.Tensor) -> torch.Tensor:
         """Dense grads: sum over the world / world; expert grads: sum over the replica group / world.
-        pp = 1 only (with pp > 1, PipelineStep.forward_backward syncs per stage position)."""
-        from dsv3.train.loop import allreduce_grads
-
-        allreduce_grads(self.dense_params, self.world)
-        if not self.expert_params:
-            return
-        grads = []
-        for p in self.expert_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch._utils._flatten_dense_tensors(grads)
-        if self.n_rep > 1:
-            dist.all_reduce(flat, group=self.rep_group)
-        flat /= self.world
-        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(s)
+        pp = 1 only (with pp > 1, PipelineStep.sync_grads syncs per stage position)."""
+        collectives.mean_grads_(self.dense_params, self.world)
+        collectives.mean_grads_(self.expert_params, self.world, self.replica_group, reduce=self.n_replicas > 1)
+        return collectives.all_reduce_mean(sums, self.world, device=self.device)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
         """The whole model's gradient norm (each expert slice once) and clipping, as clip_grad_norm_.
         pp = 1 only (with pp > 1: PipelineStep.clip_grad_norm)."""
-        def sq(ps):
-            return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None),
-                       torch.zeros((), dtype=torch.float64, device=self.device))
-
-        e = sq(self.expert_params)
-        dist.all_reduce(e, group=self.ep_group)
-        norm = float((sq(self.dense_params) + e).sqrt())
-        coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else float("nan")
-        for p in self.dense_params + self.expert_params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
-        return norm
+        expert_sq = collectives.grad_sq_norm(self.expert_params, self.device)
+        dist.all_reduce(expert_sq, group=self.ep_group)
+        dense_sq = collectives.grad_sq_norm(self.dense_params, self.device)
+        return collectives.clip_grads_(self.params, max_norm, dense_sq + expert_sq)
 
     # ---------- evaluation ----------
     def pad_batches(self, batches: list, seq_len: int) -> list:
@@ -184,95 +162,40 @@ class ExpertStep:
         filler = batches[0][:1] if batches else torch.zeros(1, seq_len, dtype=torch.long)
         return [(x, True) for x in batches] + [(filler, False)] * (int(n) - len(batches))
 
-    # ---------- whole-model checkpoints ----------
-    def _gather(self, mine: dict):
-        """Rank 0: {key: union over the EP group 0 ranks of mine[key]} (collective on group 0; None elsewhere)."""
-        if self.rank >= self.M:
-            return None
-        out = [None] * self.M if self.rank == 0 else None
-        dist.gather_object(mine, out, dst=0, group=self.ep_group)
-        if self.rank != 0:
-            return None
-        full: dict = {k: {} for k in mine}
-        for d in out:
-            for k, v in d.items():
-                full[k].update(v)
-        return full
+    def evaluate(self, stream, batches: int, batch: int) -> tuple[float, float | None]:
+        return evaluate(self.model, stream, batches, batch, self.precision, self.rank, self.world, self.pad_batches)
 
+    # ---------- whole-model checkpoints ----------
     def full_state(self, opt, ema=None):
         """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
         on rank 0, (None, None, None) elsewhere; a collective: call on every rank. pp = 1 only (with pp > 1
-        PipelineStep.full_state gathers stages and slices, with `g` and `whole_optimizer`)."""
-        if self.rank >= self.M:  # EP group 0 holds every slice; the other groups' ranks hold copies
+        PipelineStep.full_state gathers stages and slices, with `whole_name` and `whole_groups`)."""
+        if self.rank >= self.ep_size:  # EP group 0 holds every slice; the other groups' ranks hold copies
             return None, None, None
-        model = self.model
-        cpu = {n: v.detach().cpu() for n, v in model.state_dict().items()}
-        experts = {self.g(n): v for n, v in cpu.items() if n in self.expert_names}
-        local_names = [n for g in _groups(model) for n in g]
-        sd = opt.state_dict()
-        ostate = {self.g(local_names[i]): {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                  for i, st in sd["state"].items() if local_names[i] in self.expert_names}
-        ema_sd = ema.state_dict() if ema is not None else {}
-        ema_exp = {self.g(n): v for n, v in ema_sd.items() if n in self.expert_names}
-        got = self._gather({"w": experts, "o": ostate, "e": ema_exp})
+        local_names = [n for names in group_names(self.model) for n in names]
+        opt_sd = opt.state_dict()
+        mine = {"w": {n: v.detach().cpu() for n, v in self.model.state_dict().items()},
+                "o": {local_names[i]: _cpu(st) for i, st in opt_sd["state"].items()},
+                "e": ema.state_dict() if ema is not None else {}}
+
+        def whole(d: dict, experts: bool) -> dict:
+            return {self.whole_name(n): v for n, v in d.items() if (n in self.expert_names) == experts}
+
+        got = collectives.gather_union({k: whole(d, True) for k, d in mine.items()}, self.ep_group)
         if self.rank != 0:
             return None, None, None
-        w = {self.g(n): v for n, v in cpu.items() if n not in self.expert_names}
-        ost = {self.g(local_names[i]): st for i, st in sd["state"].items() if local_names[i] not in self.expert_names}
-        w.update(got["w"])
-        ost.update(got["o"])
-        with torch.device("meta"):
-            whole = type(model)(self.config)
-        whole.to_empty(device="cpu")
-        whole.load_state_dict(w)
-        full_opt = self.whole_optimizer(sd["param_groups"], ost)
-        full_ema = None
-        if ema is not None:
-            e = {self.g(n): v for n, v in ema_sd.items() if n not in self.expert_names}
-            e.update(got["e"])
-            full_ema = StateDict(e)
-        return whole, StateDict(full_opt), full_ema
-
-    def whole_optimizer(self, param_groups: list, state: dict) -> dict:
-        """The optimizer state_dict a plain run saves: `param_groups` (this rank's hyperparameters, same groups)
-        with the whole model's parameter indices, `state` ({whole-model name: AdamW state}) at those indices."""
-        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
-        groups, start = [], 0
-        for pg, names in zip(param_groups, self.full_groups):
-            groups.append({**pg, "params": list(range(start, start + len(names)))})
-            start += len(names)
-        return {"state": {index[n]: st for n, st in sorted(state.items(), key=lambda kv: index[kv[0]])},
-                "param_groups": groups}
-
-    def local_optimizer(self, full: dict, local_groups: list, keep=None) -> dict:
-        """This rank's optimizer state_dict from a whole checkpoint's (`whole_optimizer`'s layout):
-        `local_groups` = local parameter names per group in the optimizer's order; `keep(local name)`
-        (default: all) selects the parameters whose state is taken (a pipeline rank's held ones)."""
-        index = {n: i for i, n in enumerate(n for g in self.full_groups for n in g)}
-        local, groups, start = {}, [], 0
-        for pg, names in zip(full["param_groups"], local_groups):
-            for k, n in enumerate(names):
-                if index[self.g(n)] in full["state"] and (keep is None or keep(n)):
-                    local[start + k] = full["state"][index[self.g(n)]]
-            groups.append({**pg, "params": list(range(start, start + len(names)))})
-            start += len(names)
-        return {"state": local, "param_groups": groups}
+        state = {k: {**whole(d, False), **got[k]} for k, d in mine.items()}
+        model = collectives.assemble_whole_model(self.model, state["w"])
+        opt_state = merge_optimizer_state(opt_sd["param_groups"], self.whole_groups, state["o"])
+        return model, StateDict(opt_state), (StateDict(state["e"]) if ema is not None else None)
 
     # ---------- loading a whole checkpoint (checkpoint.load(..., part=self): resume, rollback) ----------
     def load_weights(self, model, whole: dict) -> None:
         """This rank's slice of the whole model's state_dict (strict: every local name must be there)."""
-        model.load_state_dict({n: whole[self.g(n)] for n in model.state_dict()})
+        model.load_state_dict({n: whole[self.whole_name(n)] for n in model.state_dict()})
 
     def local_optimizer_state(self, opt, full: dict) -> dict:
-        return self.local_optimizer(full, _groups(self.model))
+        return slice_optimizer_state(full, self.whole_groups, group_names(self.model), self.whole_name)
 
     def local_ema_state(self, ema, whole: dict) -> dict:
-        return {n: whole[self.g(n)] for n in ema.names}
-
-
-def _groups(model) -> list[list[str]]:
-    """Local parameter names in the optimizer's order (dsv3.train.optim.param_groups)."""
-    from dsv3.train.optim import param_groups
-
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    return [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+        return {n: whole[self.whole_name(n)] for n in ema.names}

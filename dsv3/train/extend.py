@@ -15,6 +15,8 @@ only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages
 - is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
   depths) of the base model before and of the final model after, the validation loss at
   each probe length before/after (`longctx/...`), and registers the final model.
+Precision: `train.precision` (precision.py, §3.3) holds for the stages (they are `train` runs of the
+same config) and for the probes (the model converted, the forwards autocast) alike.
 
 `benchmarks/bench_extend.py` runs this on a small model that can retrieve a passkey at its
 pretraining length, against a plain-RoPE control with the same extra training.
@@ -30,57 +32,62 @@ import numpy as np
 def _tokenizer(cfg):
     from dsv3.train.loop import tokenizer_dir
 
-    d = tokenizer_dir(cfg)
-    if d is None:
+    path = tokenizer_dir(cfg)
+    if path is None:
         return None
-    try:
-        from dsv3.data.tokenizer import load_tokenizer
+    from dsv3.data.tokenizer import check_vocab, load_tokenizer
 
-        tok = load_tokenizer(d)
-        return tok if len(tok) <= cfg.model.vocab_size else None
-    except Exception:  # noqa: BLE001 - the passkey probe falls back to token ids
-        return None
+    tok = load_tokenizer(path)
+    check_vocab(tok, cfg.model, tokenizer_name=path, model_name="(run config)")  # a mismatch is an error, not a fallback
+    return tok
 
 
 def stage_config(cfg, i: int, init_from: str, L0: int):
     ex = cfg.train.extend
-    st = ex.stages[i]
-    rs = {"type": "yarn", "factor": float(st.factor), "original_max_position_embeddings": int(L0),
-          "beta_fast": ex.beta_fast, "beta_slow": ex.beta_slow, "mscale": ex.mscale,
-          "mscale_all_dim": ex.mscale_all_dim}
-    m = cfg.model.replace(rope_scaling=rs, max_position_embeddings=max(int(L0 * st.factor), st.seq_len),
-                          mtp_loss_weight=cfg.train.mtp_loss_weight_late,
-                          bias_update_speed=cfg.train.bias_update_speed_late)
-    t = cfg.train.model_copy(update=dict(
-        seq_len=st.seq_len, batch_size=st.batch_size, shards=st.shards or cfg.train.shards, steps=st.steps,
+    stage = ex.stages[i]
+    rope_scaling = {"type": "yarn", "factor": float(stage.factor), "original_max_position_embeddings": int(L0),
+                    "beta_fast": ex.beta_fast, "beta_slow": ex.beta_slow, "mscale": ex.mscale,
+                    "mscale_all_dim": ex.mscale_all_dim}
+    mcfg = cfg.model.replace(rope_scaling=rope_scaling,
+                             max_position_embeddings=max(int(L0 * stage.factor), stage.seq_len),
+                             mtp_loss_weight=cfg.train.mtp_loss_weight_late,
+                             bias_update_speed=cfg.train.bias_update_speed_late)
+    tcfg = cfg.train.model_copy(update=dict(
+        seq_len=stage.seq_len, batch_size=stage.batch_size, shards=stage.shards or cfg.train.shards, steps=stage.steps,
         lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
         init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir).resolve() / f"extend_{i + 1}"),
-        eval_every=st.steps, ckpt_every=st.steps, eval_batches=1, ema=False, register_model=False,
+        eval_every=stage.steps, ckpt_every=stage.steps, eval_batches=1, ema=False, register_model=False,
         debug_nan_steps=[],
         debug_kill_rank_at_step=None))
-    return cfg.model_copy(update={"model": m, "train": t, "name": f"{cfg.name}-extend{i + 1}"})
+    return cfg.model_copy(update={"model": mcfg, "train": tcfg, "name": f"{cfg.name}-extend{i + 1}"})
 
 
-def _probe(cfg, cfg_model, model_dir: str, ex, tok) -> tuple[np.ndarray, dict]:
+def passkey_probe(cfg, cfg_model, model_dir: str, tok=None) -> tuple[np.ndarray, dict]:
     """Passkey grid, and validation loss at each probe length (one window each): the
-    long-context perplexity that YaRN is meant to keep flat beyond the trained length."""
+    long-context perplexity that YaRN is meant to keep flat beyond the trained length.
+    In `train.precision` (the model converted, the forwards autocast)."""
     from dsv3.model.transformer import DeepSeekV3
     from dsv3.train.checkpoint import load_model_weights
-    from dsv3.train.data import PackedStream
-    from dsv3.train.loop import evaluate, shard_dir
+    from dsv3.train.stream import PackedStream
+    from dsv3.train.loop import shard_dir
     from dsv3.train.passkey import passkey_grid
+    from dsv3.train.precision import Precision
+    from dsv3.train.step import evaluate
 
+    ex, precision = cfg.train.extend, Precision.of(cfg.train.precision)
     model = DeepSeekV3(cfg_model)
     load_model_weights(model, model_dir)
+    precision.prepare(model)
     losses = {}
-    for L in ex.passkey_lengths:
+    for length in ex.passkey_lengths:
         try:
-            val = PackedStream(shard_dir(cfg), "val", L, shuffle=False)
-        except ValueError:  # the split is shorter than L
+            val = PackedStream(shard_dir(cfg), "val", length, shuffle=False)
+        except ValueError:  # the split is shorter than the probe length
             continue
-        losses[L] = evaluate(model, val, 1, 1, "fp32")[0]
-    return passkey_grid(model, ex.passkey_lengths, ex.passkey_depths, ex.passkey_trials, tok), losses
+        losses[length] = evaluate(model, val, 1, 1, precision)[0]
+    grid = passkey_grid(model, ex.passkey_lengths, ex.passkey_depths, ex.passkey_trials, tok, precision=precision)
+    return grid, losses
 
 
 def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool = False,
@@ -99,14 +106,14 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
     with tracking.start_run(cfg, "extend", run_name=f"{cfg.name}-extend", parent_run_id=parent_run_id,
                             tags={"parent_checkpoint": str(init_from)}) as run:
         out["run_id"] = run.info.run_id
-        before, loss_before = _probe(cfg, cfg.model, str(base_dir), ex, tok)
+        before, loss_before = passkey_probe(cfg, cfg.model, str(base_dir), tok)
         prev = str(base_dir)
         for i in range(len(ex.stages)):
             scfg = stage_config(cfg, i, prev, L0)
             print(f"[extend] stage {i + 1}/{len(ex.stages)}: YaRN factor {ex.stages[i].factor:g}, "
                   f"seq_len {ex.stages[i].seq_len}, {ex.stages[i].steps} steps", flush=True)
             if use_ray:
-                from dsv3.launch import run_training
+                from dsv3.train.launcher import run_training
 
                 res = run_training(scfg, num_workers=num_workers, parent_run_id=run.info.run_id,
                                    stage=f"extend_{i + 1}")
@@ -114,7 +121,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                 res = train(scfg, parent_run_id=run.info.run_id, stage=f"extend_{i + 1}").to_json()
             out["stages"].append(res)
             prev = res["model_dir"]
-        after, loss_after = _probe(cfg, scfg.model, prev, ex, tok)
+        after, loss_after = passkey_probe(cfg, scfg.model, prev, tok)
         for name, grid in (("before", before), ("after", after)):
             fig = plots.heatmap(grid, ex.passkey_lengths, ex.passkey_depths,
                                 f"passkey token accuracy ({name} extension)", "needle depth", "context length")

@@ -1,74 +1,60 @@
-"""The training loop: pretraining and context extension share it (issue 4 points 1, 3-5).
+"""The training loop: pretraining and context extension share it.
 
 Design choices
-- One function, `train(cfg)`, runs on one process or on every rank of a data-parallel
-  group (Ray Train sets up torch.distributed; see dsv3/launch.py). Ranks build the same
-  model from the same seed, read disjoint slices of each global batch (data.py), and
-  average gradients with one flat all-reduce per optimizer step. We do this instead of
-  wrapping in DDP because MoE leaves different experts unused on different ranks and
-  micro-batches (DDP would need find_unused_parameters and per-step graph scans); the
-  arithmetic is DDP's (sum/world), without the backward overlap.
-- Per step (§4.2): LR, batch size, MTP λ and bias speed γ from `Schedules`; gradient
-  accumulation over micro-batches; clip at 1.0; AdamW; then the aux-loss-free bias
-  update with the expert load all-reduced over ranks (§2.1.2); then the CPU EMA copy.
-- Precision (§3.3): fp32 master weights always; `bf16` autocasts the GEMMs; `fp8` swaps
-  the Linear layers for `dsv3.fp8` FP8 Linears (embedding, head, gate, norms and the
-  attention core stay in higher precision) and autocasts the rest to bf16. The swap is done in
-  `build_model`, before expert sharding and the pipeline split; in a zero-bubble pipeline each FP8
-  Linear defers its own FP8 Wgrad to the W ops (dsv3/fp8/linear.py).
-- Failure handling: a non-finite loss/grad norm or a loss spike (> spike_factor × the
-  running mean, after 20 good steps) skips the update and is counted
-  (`train/skipped_steps`); `max_bad_steps` consecutive ones roll back to the latest
-  checkpoint and continue on fresh data (the data position is kept).
-- Determinism: seeded model init, data order a pure function of (seed, position),
-  schedules pure functions of the step, no dropout. With fixed threads on CPU in fp32 a
-  resumed run reproduces the uninterrupted losses bitwise (tests/train/test_resume.py).
+- One function, `train(cfg)`, runs on one process or on every rank of a group (Ray Train sets up
+  torch.distributed: dsv3/train/launcher.py). It drives a `TrainStep` (step.py) and never asks which
+  parallelism it runs: layout.py builds the plain, expert-parallel (§3.2.2) or pipeline-parallel
+  (§3.2.1) step from `cfg.parallel`, after which the optimizer and the EMA are built over the
+  parameters this rank holds. Checkpoints stay one whole model whatever the layout.
+- A `Trainer` holds the run's objects; its methods are the named parts of a run: `restore`
+  (state / resume), `optimizer_step`, `log_step`, `evaluate`, `save_checkpoint` / `maybe_roll_back`,
+  `finish`. Logging and metrics.jsonl: run_log.py.
+- Per step (§4.2): LR, batch size, MTP λ and bias speed γ from `Schedules` (lr_schedule.py);
+  forward/backward (gradient accumulation over micro-batches, or the pipeline's chunks); gradient
+  sync; clip at 1.0; AdamW; then the aux-loss-free bias update with the expert load summed over all
+  ranks (§2.1.2); then the CPU EMA copy (§3.2.3).
+- Precision (§3.3): fp32 master weights always; the run's `Precision` (precision.py) converts the
+  model (fp8: FP8 Linears, before expert sharding and the pipeline split) and autocasts the forwards.
+  MFU is measured against a matmul peak in its compute dtype.
+- Failure handling: a non-finite loss/grad norm or a loss spike (> spike_factor × the running mean,
+  after 20 good steps) skips the update and is counted (`train/skipped_steps`); `max_bad_steps`
+  consecutive ones roll back to the latest checkpoint and continue on fresh data (the data
+  position is kept).
+- Determinism: seeded model init, data order a pure function of (seed, position), schedules pure
+  functions of the step, no dropout. With fixed threads on CPU in fp32 a resumed run reproduces the
+  uninterrupted losses bitwise (tests/train/test_resume.py), in every layout.
 - Tracking: rank 0 only, through dsv3.tracking; a resumed run continues its MLflow run.
-  `metrics.jsonl` in the run folder mirrors the per-step losses (truncated on resume).
-- Pipeline parallelism (§3.2.1, `parallel.pp > 1`): the ranks are pipeline ranks; the plain
-  forward/backward of a step is replaced by `PipelineStep.forward_backward` (DualPipe / DualPipeV /
-  1F1B over the model's stages, dsv3/train/pipeline_step.py). After the model is built each rank keeps
-  only its stages' parameters (the others are freed, before the optimizer and EMA); hooks replace the
-  clipping norm, validation (through the stages), checkpoint save (whole model gathered to rank 0) and
-  load (each rank keeps its part), as for expert parallelism.
-  Bubble fractions (measured per rank, analytic) are logged as `pipeline/*` and a Gantt chart as
-  `plots/pipeline_gantt.png`.
-- Expert parallelism (§3.2.2, `parallel.ep > 1`): after the model is built, `ExpertStep` shards its routed
-  experts over EP groups of the data-parallel ranks (dsv3/train/expert_step.py); its hooks replace the
-  gradient all-reduce, the clipping norm, checkpoint save (whole model gathered to rank 0) and load
-  (each rank keeps its slice); validation pads the ranks to the same number of forwards. With pp > 1 too,
-  the EP groups are formed inside each stage position's data-parallel group and the pipeline's hooks
-  (given the ExpertStep) do the syncing, clipping, checkpoints and validation for both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dsv3.data.tokenizer import check_vocab, load_tokenizer
+from dsv3.data.version import data_digest
+from dsv3.parallel import collectives
 from dsv3.train import checkpoint as ckpt
-from dsv3.train.data import PackedStream, bits_per_byte
+from dsv3.train.stream import PackedStream
 from dsv3.train.ema import CpuEMA
+from dsv3.train.layout import build_step, check_layout
+from dsv3.train.lr_schedule import Schedules
 from dsv3.train.optim import make_optimizer, set_lr
-from dsv3.train.perf import compute_dtype, measure_matmul_peak
-from dsv3.train.recompute import apply_recompute
-from dsv3.train.schedule import Schedules
-
-log = logging.getLogger("dsv3.train")
+from dsv3.train.perf import measure_matmul_peak
+from dsv3.train.run_log import RunLog, fmt_eta, log_final
+from dsv3.train.step import build_model, evaluate  # noqa: F401  (public here: benchmarks, tests)
 
 
 @dataclass
@@ -84,21 +70,45 @@ class TrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+@dataclass
+class RunState:
+    """What a checkpoint's state.json holds besides the step (the data position, the spike guard, ...)."""
+
+    step: int = 0
+    data_pos: int = 0
+    tokens: int = 0
+    loss_mean: float | None = None
+    good: int = 0
+    bad: int = 0
+    skipped: int = 0
+    rollbacks: int = 0
+    mlflow_run_id: str | None = None
+    load_total: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+
+    def to_json(self) -> dict:
+        """state.json (without `step`, which checkpoint.save adds)."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "step"}
+        return {**saved, "load_total": self.load_total.tolist()}
+
+    def update(self, saved: dict, keep: tuple = ()) -> None:
+        """Take a loaded state.json, except the fields in `keep`."""
+        shape = self.load_total.shape
+        for f in fields(self):
+            if f.name in saved and f.name not in keep:
+                setattr(self, f.name, saved[f.name])
+        if "load_total" in saved and "load_total" not in keep:
+            self.load_total = torch.tensor(saved["load_total"], dtype=torch.float64).reshape(shape)
 
 
-_LOG_FILE: Path | None = None  # rank 0 mirrors progress lines here (the Ray driver tails it)
-
-
-def _say(msg: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(msg, flush=True)
-        if _LOG_FILE is not None:
-            with open(_LOG_FILE, "a") as f:
-                f.write(msg + "\n")
+@dataclass
+class StepOutcome:
+    sums: torch.Tensor  # [loss, main, balance, mtp_1..] (float64)
+    lr: float
+    grad_norm: float
+    batch: int
+    mtp_weight: float
+    load: torch.Tensor  # expert load of this step, summed over ranks [n_moe, E]
+    seconds: float
 
 
 def shard_dir(cfg) -> str:
@@ -106,420 +116,307 @@ def shard_dir(cfg) -> str:
 
 
 def tokenizer_dir(cfg) -> str | None:
-    d = cfg.train.tokenizer or str(Path(cfg.data.out_dir) / "tokenizer")
-    return d if Path(d).is_dir() else None
+    path = cfg.train.tokenizer or str(Path(cfg.data.out_dir) / "tokenizer")
+    return path if Path(path).is_dir() else None
 
 
-def dataset_digest(shards: str) -> str:
-    """The DVC md5 of the shards output when it is DVC-tracked, else the md5 of index.json."""
-    import hashlib
+class Trainer:
+    """One training run on this rank; see the module docstring."""
 
-    import yaml
+    def __init__(self, cfg, stage: str):
+        tcfg = self.tcfg = cfg.train
+        self.cfg, self.stage = cfg, stage
+        self.rank, self.world = collectives.world()
+        check_layout(cfg, self.world)  # before any work
+        if tcfg.threads:
+            torch.set_num_threads(tcfg.threads)
+        random.seed(tcfg.seed)
+        np.random.seed(tcfg.seed)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.step = build_step(cfg, self.device)  # shards / frees in place: before the optimizer and EMA
+        self.model = self.step.model
+        self.model.train()
+        self.opt = make_optimizer(self.model, tcfg)
+        self.ema = CpuEMA(self.model, tcfg.ema_decay) if tcfg.ema else None
+        self.sched = Schedules(tcfg, cfg.model, self.step.data_world)
+        self.shards = shard_dir(cfg)
+        self.stream = PackedStream(self.shards, "train", tcfg.seq_len, seed=tcfg.seed)
+        self.val = PackedStream(self.shards, "val", tcfg.seq_len, shuffle=False)
+        check_vocab(self.val.shards, cfg.model, tokenizer_name=f"shards {self.shards}", model_name="(run config)")
+        if tokenizer_dir(cfg):  # the tokenizer copied into every checkpoint must fit the model too
+            check_vocab(load_tokenizer(tokenizer_dir(cfg)), cfg.model, tokenizer_name=tokenizer_dir(cfg),
+                        model_name="(run config)")
+        self.out_dir = Path(tcfg.out_dir).resolve()
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.log = RunLog(self.out_dir, stage, self.rank)
+        self.n_moe = len(self.model.moe_layers())
+        self.state = RunState(load_total=torch.zeros(self.n_moe, cfg.model.n_routed_experts, dtype=torch.float64))
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.injected: set[int] = set()  # debug NaN steps already seen (the data moves on after a rollback)
+        self.steps_run, self.last_val, self.last_ckpt_step = 0, {}, 0
+        self.resumed_from: str | None = None
+        self.flops_per_token = cfg.model.flops_per_token(tcfg.seq_len, training=True, include_mtp=True)
+        self.peak, self.started = 1.0, time.perf_counter()  # matmul peak (rank 0: measured in `restore`), start
 
-    sp = Path(shards).resolve()
-    for base in [Path.cwd(), *sp.parents]:
-        lock = base / "dvc.lock"
-        if lock.is_file():
-            try:
-                stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-            except yaml.YAMLError:
-                break
-            for st in stages.values():
-                for o in st.get("outs", []) or []:
-                    if (base / o.get("path", "")).resolve() == sp and o.get("md5"):
-                        return str(o["md5"])
-            break
-    return hashlib.md5((sp / "index.json").read_bytes()).hexdigest()
+    # ---------- state / resume ----------
+    def restore(self, resume: bool) -> None:
+        """Resume from the latest valid checkpoint (when asked and there is one); keep the metrics
+        records up to its step; measure the matmul peak MFU is reported against."""
+        if resume:
+            latest = ckpt.latest(self.ckpt_root)
+            if latest is not None:
+                self.state.update(self.step.load(latest, self.opt, self.ema))
+                self.resumed_from = str(latest)
+                self.log.say(f"resumed from {latest} (step {self.state.step})")
+            else:
+                self.log.say(f"--resume: no valid checkpoint under {self.ckpt_root}; starting fresh")
+        self.history, self.val_history = self.log.restore(resume, self.state.step)
+        self.last_ckpt_step = self.state.step
+        if self.rank == 0:
+            self.peak = measure_matmul_peak(self.step.precision.compute_dtype, device=self.device)
 
+    def tracking_run(self, track: bool, parent_run_id: str | None, run_name: str | None, tags: dict | None):
+        """The MLflow run of this stage (rank 0, when tracking), continued on resume."""
+        if self.rank != 0 or not track:
+            return contextlib.nullcontext(None)
+        from dsv3 import tracking
 
-def autocast_ctx(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        all_tags = {"checkpoint_dir": str(self.ckpt_root.resolve()), "parent_checkpoint": self.tcfg.init_from,
+                    "resumed_from": self.resumed_from, **(tags or {})}
+        return tracking.start_run(self.cfg, self.stage, run_name=run_name or f"{self.cfg.name}-{self.stage}",
+                                  parent_run_id=parent_run_id, tags=all_tags, system_metrics=True,
+                                  run_id=self.state.mlflow_run_id)
 
+    def log_start(self, run) -> None:
+        from dsv3 import tracking
 
-def build_model(cfg, device: torch.device):
-    from dsv3.model.transformer import DeepSeekV3
+        plan = self.sched.plan
+        if run is not None:
+            self.state.mlflow_run_id = run.info.run_id
+            tracking.log_dataset_input(data_digest(self.shards), name=Path(self.shards).name, source=self.shards)
+            tracking.log_params({"derived.total_tokens": plan.total_tokens, "derived.world_size": self.world,
+                                 "derived.n_params": self.step.n_params,
+                                 "derived.matmul_peak_flops": f"{self.peak:.3e}"})
+        self.log.say(f"{self.step.n_params / 1e6:.1f}M params, {self.tcfg.steps} steps, {plan.total_tokens:,} "
+                     f"tokens, precision {self.step.precision}, {self.world} rank(s)")
+        self.started = time.perf_counter()
 
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    model = DeepSeekV3(cfg.model).to(device)
-    if t.init_from:
-        from dsv3.tracking import resolve_model_uri
+    # ---------- one step ----------
+    def run_step(self) -> None:
+        """One optimizer step, then its logging, the rollback check, evaluation and checkpoint when due."""
+        outcome = self.optimizer_step()
+        self.log_step(outcome)
+        self.maybe_roll_back()
+        step, tcfg = self.state.step, self.tcfg
+        if step % tcfg.eval_every == 0 or step == tcfg.steps:
+            self.last_val = self.evaluate(step)
+        if (step % tcfg.ckpt_every == 0 and self.state.bad == 0) or step == tcfg.steps:  # never a bad streak
+            self.save_checkpoint(step)
+            self.last_ckpt_step = step
 
-        src = Path(resolve_model_uri(t.init_from))
-        ckpt.load_model_weights(model, src / "model" if (src / "model" / "config.json").is_file() else src)
-    apply_recompute(model, t.recompute)
-    if t.precision == "fp8":
-        from dsv3.fp8 import convert_to_fp8
+    def optimizer_step(self) -> StepOutcome:
+        tcfg, state, sched, step = self.tcfg, self.state, self.sched, self.state.step
+        start = time.perf_counter()
+        lr = sched.lr(step)
+        set_lr(self.opt, lr)
+        mtp_weight = sched.mtp_weight(step)
+        batch = sched.batch(step)
+        micro_batch, _ = sched.micro_batches(step)
+        x = self.stream.rank_batch(state.data_pos, batch, self.step.data_rank, self.step.data_world).to(self.device)
+        poison = (step + 1) in tcfg.debug_nan_steps and (step + 1) not in self.injected
+        sums = self.step.sync_grads(self.step.forward_backward(x, micro_batch, mtp_weight, poison))
+        loss = float(sums[0])
+        grad_norm = self.step.clip_grad_norm(tcfg.grad_clip)
+        spike = (not math.isfinite(loss) or not math.isfinite(grad_norm)
+                 or (state.loss_mean is not None and state.good >= 20 and loss > tcfg.spike_factor * state.loss_mean))
+        load = self._expert_load()
+        if not spike:
+            self._apply_update(step, loss, load)
+        else:
+            self._skip_update(step, loss, grad_norm)
+        if (step + 1) in tcfg.debug_nan_steps:
+            self.injected.add(step + 1)
+        self.opt.zero_grad(set_to_none=True)
+        state.data_pos += batch
+        state.tokens += batch * tcfg.seq_len
+        seconds = time.perf_counter() - start
+        state.step = step + 1
+        self.steps_run += 1
+        self._debug_kill()
+        return StepOutcome(sums, lr, grad_norm, batch, mtp_weight, load, seconds)
 
-        convert_to_fp8(model)
-    return model
+    def _expert_load(self) -> torch.Tensor:
+        """This step's routed-token counts per (MoE layer, expert), summed over all ranks (§2.1.2)."""
+        if not self.n_moe:
+            return torch.zeros(0, self.cfg.model.n_routed_experts)
+        load = self.model.expert_load().to(torch.float64).cpu()
+        return collectives.all_reduce_sum(load, device=self.device) if self.world > 1 else load
 
+    def _apply_update(self, step: int, loss: float, load: torch.Tensor) -> None:
+        state = self.state
+        self.opt.step()
+        if self.n_moe:
+            self.model.update_bias(self.sched.bias_gamma(step), load.float().to(self.device))
+            state.load_total += load
+        if self.ema is not None:
+            self.ema.update(self.model)
+        state.bad = 0
+        state.good += 1
+        state.loss_mean = loss if state.loss_mean is None else 0.9 * state.loss_mean + 0.1 * loss
 
-def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(s)
+    def _skip_update(self, step: int, loss: float, grad_norm: float) -> None:
+        if self.n_moe:
+            self.model.update_bias(0.0)  # drop this step's load counts
+        self.state.bad += 1
+        self.state.skipped += 1
+        self.log.say(f"step {step + 1}: {'non-finite' if not math.isfinite(loss) else 'spike'} "
+                     f"loss {loss:.4g} grad_norm {grad_norm:.4g}: update skipped")
 
+    def _debug_kill(self) -> None:
+        """train.debug_kill_rank_at_step (tests): the last rank SIGKILLs itself once at that step."""
+        step = self.state.step
+        if self.tcfg.debug_kill_rank_at_step == step and self.rank == self.world - 1:
+            marker = self.out_dir / f".killed_at_{step}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
 
-@torch.no_grad()
-def evaluate(model, stream: PackedStream, batches: int, batch: int, precision: str,
-             rank: int = 0, world: int = 1, ep=None) -> tuple[float, float | None]:
-    """Mean next-token loss (nats) on fixed validation windows, and bits per byte.
-    `ep` (an ExpertStep): every rank runs the same number of forwards (an EP forward is a collective)."""
-    was = model.training
-    model.eval()
-    tot = torch.zeros(2, dtype=torch.float64)
-    xs = list(stream.eval_batches(batches, batch, rank, world))
-    for x, counted in (ep.pad_batches(xs, stream.seq_len) if ep is not None else [(x, True) for x in xs]):
-        x = x.to(model.device)
-        with autocast_ctx(precision, model.device):
-            out = model(x, labels=x, return_mtp=False)
-        n = x.shape[0] * (x.shape[1] - 1) if counted else 0
-        tot += torch.tensor([out.main_loss.double().item() * n, n], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(tot)
-    model.train(was)
-    loss = float(tot[0] / tot[1].clamp(min=1))
-    return loss, bits_per_byte(loss, stream.bytes_per_token)
+    # ---------- logging ----------
+    def log_step(self, outcome: StepOutcome) -> None:
+        tcfg, state, step = self.tcfg, self.state, self.state.step
+        log_due = step % tcfg.log_every == 0 or step == tcfg.steps
+        layout_metrics = self.step.step_metrics(log_due)  # a collective on every rank
+        if self.rank != 0:
+            return
+        sums, tokens_per_s = outcome.sums, outcome.batch * tcfg.seq_len / outcome.seconds
+        rec = {"step": step, "train/loss": float(sums[0]), "train/main_loss": float(sums[1]),
+               "train/balance_loss": float(sums[2]), "train/lr": outcome.lr, "train/grad_norm": outcome.grad_norm,
+               "train/batch_size": outcome.batch, "train/mtp_weight": outcome.mtp_weight,
+               "train/bias_gamma": self.sched.bias_gamma(step - 1), "train/skipped_steps": state.skipped,
+               "train/rollbacks": state.rollbacks, "train/tokens": state.tokens,
+               "perf/tokens_per_s": tokens_per_s, "perf/step_s": outcome.seconds,
+               "perf/mfu": tokens_per_s * self.flops_per_token / (self.peak * self.world)}
+        for k in range(len(sums) - 3):
+            rec[f"train/mtp_loss_{k + 1}"] = float(sums[3 + k])
+        load = outcome.load
+        if self.n_moe and load.sum() > 0:
+            ratio = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
+            for i, r in enumerate(ratio.tolist()):
+                rec[f"moe/load_max_over_mean/layer_{i}"] = r
+            rec["moe/bias_norm"] = float(ckpt.routing_biases(self.model).norm())
+        rec.update(layout_metrics)
+        self.history.append(rec)
+        self.log.append(rec)
+        if log_due:
+            from dsv3 import tracking
 
+            tracking.log_metrics(rec, step=step)
+            eta = (time.perf_counter() - self.started) / self.steps_run * (tcfg.steps - step)
+            self.log.say(f"step {step}/{tcfg.steps} loss {rec['train/loss']:.4f} lr {outcome.lr:.2e} "
+                         f"gnorm {outcome.grad_norm:.2f} {tokens_per_s:,.0f} tok/s mfu {100 * rec['perf/mfu']:.1f}% "
+                         f"eta {fmt_eta(eta)}")
 
-def _fmt_eta(s: float) -> str:
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
+    # ---------- evaluation ----------
+    def evaluate(self, step: int) -> dict:
+        """Validation loss / bpb of the live weights and of the EMA weights; logged on rank 0."""
+        batch = max(1, self.sched.batch(0) // self.step.data_world)
+        metrics = {}
+        loss, bpb = self.step.evaluate(self.val, self.tcfg.eval_batches, batch)
+        metrics["val/loss"] = loss
+        if bpb is not None:
+            metrics["val/bpb"] = bpb
+        if self.ema is not None:
+            with self.ema.swap_into(self.model):
+                ema_loss, ema_bpb = self.step.evaluate(self.val, self.tcfg.eval_batches, batch)
+            metrics["val/ema_loss"] = ema_loss
+            if ema_bpb is not None:
+                metrics["val/ema_bpb"] = ema_bpb
+        if self.rank == 0:
+            from dsv3 import tracking
+
+            tracking.log_metrics(metrics, step=step)
+            self.val_history.append({"step": step, **metrics})
+            self.log.append({"step": step, **metrics})
+            self.log.say(f"step {step} val/loss {loss:.4f}" + (f" val/bpb {bpb:.4f}" if bpb else "")
+                         + (f" val/ema_loss {metrics['val/ema_loss']:.4f}" if "val/ema_loss" in metrics else ""))
+        return metrics
+
+    # ---------- checkpoints / rollback ----------
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Save one whole-model checkpoint (a collective: the layout gathers its parts to rank 0)."""
+        path = None
+        if self.ema is not None:
+            self.ema.wait()
+        model, opt_state, ema_state = self.step.full_state(self.opt, self.ema)
+        if self.rank == 0:
+            path = ckpt.save(self.ckpt_root, step, model, opt_state, self.state.to_json(), ema=ema_state,
+                             tokenizer_dir=tokenizer_dir(self.cfg), keep_last=self.tcfg.keep_last)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def maybe_roll_back(self) -> None:
+        """After `max_bad_steps` skipped steps in a row: back to the latest checkpoint's weights, optimizer,
+        EMA and schedule position, keeping the data position (fresh data) and the counters."""
+        state = self.state
+        if state.bad < self.tcfg.max_bad_steps:
+            return
+        latest = ckpt.latest(self.ckpt_root) if self.rank == 0 or self.world == 1 else None
+        latest = collectives.broadcast_object(str(latest) if latest else None)
+        if latest is None:
+            state.bad = 0
+            return
+        state.update(self.step.load(latest, self.opt, self.ema),
+                     keep=("data_pos", "tokens", "skipped", "rollbacks", "mlflow_run_id"))
+        state.rollbacks += 1
+        state.bad = 0
+        self.log.say(f"{self.tcfg.max_bad_steps} bad steps in a row: rolled back to {latest}")
+
+    # ---------- finish ----------
+    def finish(self, run) -> TrainResult:
+        """The last checkpoint if the loop did not just save one, the `final/` HF export, result.json and the
+        run's final logging (rank 0)."""
+        result = TrainResult(run_id=run.info.run_id if run is not None else None, history=self.history)
+        if self.ema is not None:
+            self.ema.wait()
+        if self.last_ckpt_step != self.tcfg.steps and self.state.step == self.tcfg.steps:
+            self.save_checkpoint(self.tcfg.steps)
+        if self.rank != 0:
+            return result
+        latest = ckpt.latest(self.ckpt_root)
+        result.checkpoint = str(latest) if latest else None
+        result.final = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k != "step"}
+        result.final.update(self.last_val)
+        final_dir = self.out_dir / "final"
+        if latest is not None:
+            tmp = self.out_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(latest / "model", tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(tmp, final_dir)
+            result.model_dir = str(final_dir)
+        if run is not None:
+            from dsv3 import tracking
+
+            for path in self.step.artifacts(self.out_dir):
+                tracking.log_artifact(path, "plots")
+            log_final(self.cfg, self.stage, result, self.history, self.val_history, self.state.load_total,
+                      latest, final_dir)
+        (self.out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+        self.log.say(f"done: {self.state.step} steps in {fmt_eta(time.perf_counter() - self.started)}; "
+                     f"checkpoint {result.checkpoint}")
+        return result
 
 
 def train(cfg, resume: bool = False, parent_run_id: str | None = None, stage: str = "pretrain",
           run_name: str | None = None, tags: dict | None = None, track: bool = True) -> TrainResult:
     """Run (or resume) one training stage described by `cfg` (a RunConfig)."""
-    from dsv3 import tracking
-
-    t = cfg.train
-    rank, world = _dist()
-    if cfg.parallel.pp > 1:
-        from dsv3.train.pipeline_step import check_config
-
-        check_config(cfg, world)  # before any work: a pipeline needs dp × pp ranks
-    if cfg.parallel.ep > 1:
-        from dsv3.train.expert_step import check_config as check_ep
-
-        check_ep(cfg, world)  # before any work: ep groups of the dp ranks
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(cfg, device)
-    ep = None
-    if cfg.parallel.ep > 1:
-        from dsv3.train.expert_step import ExpertStep
-
-        ep = ExpertStep(model, cfg)  # shards the routed experts in place: before the optimizer and EMA
-    pipe = None
-    if cfg.parallel.pp > 1:
-        from dsv3.train.pipeline_step import PipelineStep
-
-        pipe = PipelineStep(model, cfg, ep=ep)  # frees the other ranks' stages in place: before the optimizer and EMA
-    def load_ckpt(c, model, opt, ema):  # each rank keeps its part of the whole checkpoint
-        return ckpt.load(c, model, opt, ema, part=pipe or ep)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = (pipe or ep).n_params if ep or pipe else sum(p.numel() for p in params)  # the whole model's
-    opt = make_optimizer(model, t)
-    ema = CpuEMA(model, t.ema_decay) if t.ema else None
-    # the ranks of one pipeline share its batch; pipelines (dp > 1) read their own shards
-    data_rank, data_world = (pipe.dp_rank, pipe.dp) if pipe is not None else (rank, world)
-    sched = Schedules(t, cfg.model, data_world)
-    shards = shard_dir(cfg)
-    stream = PackedStream(shards, "train", t.seq_len, seed=t.seed)
-    val = PackedStream(shards, "val", t.seq_len, shuffle=False)
-    if val.shards.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"shards vocab {val.shards.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
-    out_dir = Path(t.out_dir).resolve()
-    ck_root = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    global _LOG_FILE
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _LOG_FILE = out_dir / "train.log"
-    n_moe = len(model.moe_layers())
-    E = cfg.model.n_routed_experts
-    state: dict[str, Any] = dict(step=0, data_pos=0, tokens=0, loss_mean=None, good=0, bad=0, skipped=0,
-                                 rollbacks=0, mlflow_run_id=None, load_total=[[0.0] * E] * n_moe)
-    history: list[dict] = []
-    val_hist: list[dict] = []
-    resumed_from = None
-    if resume:
-        c = ckpt.latest(ck_root)
-        if c is not None:
-            state.update(load_ckpt(c, model, opt, ema))
-            resumed_from = str(c)
-            _say(f"[{stage}] resumed from {c} (step {state['step']})", rank)
-        else:
-            _say(f"[{stage}] --resume: no valid checkpoint under {ck_root}; starting fresh", rank)
-    if rank == 0:
-        if metrics_path.exists():
-            keep = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            keep = [h for h in keep if resume and h["step"] <= state["step"]]
-            history = [h for h in keep if "train/loss" in h]
-            val_hist = [h for h in keep if "val/loss" in h]
-            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in keep))
-        elif not resume:
-            metrics_path.write_text("")
-    fpt = cfg.model.flops_per_token(t.seq_len, training=True, include_mtp=True)
-    peak = measure_matmul_peak(compute_dtype(t.precision), device=device) if rank == 0 else 1.0
-    load_total = torch.tensor(state["load_total"], dtype=torch.float64).reshape(n_moe, E)
-
-    run_ctx = contextlib.nullcontext(None)
-    if rank == 0 and track:
-        all_tags = {"checkpoint_dir": str(ck_root.resolve()), "parent_checkpoint": t.init_from,
-                    "resumed_from": resumed_from, **(tags or {})}
-        run_ctx = tracking.start_run(cfg, stage, run_name=run_name or f"{cfg.name}-{stage}",
-                                     parent_run_id=parent_run_id, tags=all_tags, system_metrics=True,
-                                     run_id=state.get("mlflow_run_id"))
-    result = TrainResult()
-    with run_ctx as run:
-        if run is not None:
-            state["mlflow_run_id"] = run.info.run_id
-            result.run_id = run.info.run_id
-            tracking.log_dataset_input(dataset_digest(shards), name=Path(shards).name, source=shards)
-            tracking.log_params({"derived.total_tokens": sched.plan.total_tokens, "derived.world_size": world,
-                                 "derived.n_params": n_params,
-                                 "derived.matmul_peak_flops": f"{peak:.3e}"})
-        _say(f"[{stage}] {n_params / 1e6:.1f}M params, {t.steps} steps, "
-             f"{sched.plan.total_tokens:,} tokens, precision {t.precision}, {world} rank(s)", rank)
-
-        def save_ckpt(step: int) -> Path | None:
-            path = None
-            if ema is not None:
-                ema.wait()
-            whole, opt_state, ema_state = model, opt, ema
-            if ep is not None or pipe is not None:  # a collective: the slices / stages gathered to rank 0
-                whole, opt_state, ema_state = (pipe or ep).full_state(opt, ema)
-            if rank == 0:
-                state["load_total"] = load_total.tolist()
-                path = ckpt.save(ck_root, step, whole, opt_state, {k: v for k, v in state.items() if k != "step"},
-                                 ema=ema_state, tokenizer_dir=tokenizer_dir(cfg), keep_last=t.keep_last)
-            if world > 1:
-                dist.barrier()
-            return path
-
-        def run_eval():
-            if pipe is not None:  # through the stages; the pipelines' data ranks split the windows
-                return pipe.evaluate(val, t.eval_batches, max(1, sched.batch(0) // data_world), t.precision)
-            return evaluate(model, val, t.eval_batches, max(1, sched.batch(0) // world), t.precision, rank, world, ep)
-
-        def do_eval(step: int) -> dict:
-            m = {}
-            vl, vb = run_eval()
-            m["val/loss"] = vl
-            if vb is not None:
-                m["val/bpb"] = vb
-            if ema is not None:
-                with ema.swap_into(model):
-                    el, eb = run_eval()
-                m["val/ema_loss"] = el
-                if eb is not None:
-                    m["val/ema_bpb"] = eb
-            if rank == 0:
-                tracking.log_metrics(m, step=step)
-                val_hist.append({"step": step, **m})
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, **m}) + "\n")
-                _say(f"[{stage}] step {step} val/loss {vl:.4f}" + (f" val/bpb {vb:.4f}" if vb else "")
-                     + (f" val/ema_loss {m['val/ema_loss']:.4f}" if "val/ema_loss" in m else ""), rank)
-            return m
-
-        t_start = time.perf_counter()
-        steps_run = 0
-        last_ckpt_step = state["step"]
-        last_val: dict = {}
-        s = state["step"]
-        injected: set[int] = set()
-        while s < t.steps:
-            t0 = time.perf_counter()
-            lr = sched.lr(s)
-            set_lr(opt, lr)
-            model.mtp_loss_weight = sched.mtp_weight(s)
-            B = sched.batch(s)
-            mb, acc = sched.micro_batches(s)
-            x = stream.rank_batch(state["data_pos"], B, data_rank, data_world).to(device)
-            n_mtp = cfg.model.num_nextn_predict_layers
-            sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
-            if pipe is not None:
-                sums = pipe.forward_backward(x, model.mtp_loss_weight, autocast_ctx(t.precision, device),
-                                             poison=(s + 1) in t.debug_nan_steps and (s + 1) not in injected)
-            for i in range(acc if pipe is None else 0):
-                xb = x[i * mb:(i + 1) * mb]
-                with autocast_ctx(t.precision, device):
-                    out = model(xb, labels=xb)
-                loss = out.loss
-                if (s + 1) in t.debug_nan_steps and (s + 1) not in injected:
-                    loss = loss * float("nan")  # a bad batch: seen once (the data moves on after a rollback)
-                (loss / acc).backward()
-                parts = [loss.detach(), out.main_loss.detach(), out.balance_loss.detach(),
-                         *[m.detach() for m in out.mtp_losses]]
-                parts += [torch.zeros(())] * (3 + n_mtp - len(parts))
-                sums += torch.stack([p.double().cpu() for p in parts]) / acc
-            if world > 1 and pipe is None:
-                if ep is not None:
-                    ep.allreduce_grads()
-                else:
-                    allreduce_grads(params, world)
-                dist.all_reduce(sums)
-                sums /= world
-            loss_val = float(sums[0])
-            if pipe is not None:
-                grad_norm = pipe.clip_grad_norm(t.grad_clip)
-            elif ep is not None:
-                grad_norm = ep.clip_grad_norm(t.grad_clip)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
-            mean = state["loss_mean"]
-            spike = (not math.isfinite(loss_val) or not math.isfinite(grad_norm)
-                     or (mean is not None and state["good"] >= 20 and loss_val > t.spike_factor * mean))
-            load = model.expert_load().to(torch.float64).cpu() if n_moe else torch.zeros(0, E)
-            if world > 1 and n_moe:
-                load_d = load.to(device)
-                dist.all_reduce(load_d)
-                load = load_d.cpu()
-            if not spike:
-                opt.step()
-                if n_moe:
-                    model.update_bias(sched.bias_gamma(s), load.float().to(device))
-                    load_total += load
-                if ema is not None:
-                    ema.update(model)
-                state["bad"] = 0
-                state["good"] += 1
-                state["loss_mean"] = loss_val if mean is None else 0.9 * mean + 0.1 * loss_val
-            else:
-                if n_moe:
-                    model.update_bias(0.0)  # drop this step's load counts
-                state["bad"] += 1
-                state["skipped"] += 1
-                _say(f"[{stage}] step {s + 1}: {'non-finite' if not math.isfinite(loss_val) else 'spike'} "
-                     f"loss {loss_val:.4g} grad_norm {grad_norm:.4g}: update skipped", rank)
-            if (s + 1) in t.debug_nan_steps:
-                injected.add(s + 1)
-            opt.zero_grad(set_to_none=True)
-            state["data_pos"] += B
-            state["tokens"] += B * t.seq_len
-            dt = time.perf_counter() - t0
-            s += 1
-            state["step"] = s
-            steps_run += 1
-            if t.debug_kill_rank_at_step == s and rank == world - 1:
-                marker = out_dir / f".killed_at_{s}"
-                if not marker.exists():
-                    marker.touch()
-                    os.kill(os.getpid(), signal.SIGKILL)
-            pipe_m = pipe.bubble_metrics() if pipe is not None and (s % t.log_every == 0 or s == t.steps) else {}
-            if rank == 0:
-                tok_s = B * t.seq_len / dt
-                rec = {"step": s, "train/loss": loss_val, "train/main_loss": float(sums[1]),
-                       "train/balance_loss": float(sums[2]), "train/lr": lr, "train/grad_norm": grad_norm,
-                       "train/batch_size": B, "train/mtp_weight": model.mtp_loss_weight,
-                       "train/bias_gamma": sched.bias_gamma(s - 1), "train/skipped_steps": state["skipped"],
-                       "train/rollbacks": state["rollbacks"], "train/tokens": state["tokens"],
-                       "perf/tokens_per_s": tok_s, "perf/step_s": dt,
-                       "perf/mfu": tok_s * fpt / (peak * world)}
-                for k in range(n_mtp):
-                    rec[f"train/mtp_loss_{k + 1}"] = float(sums[3 + k])
-                if n_moe and load.sum() > 0:
-                    ratio = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
-                    for i, r in enumerate(ratio.tolist()):
-                        rec[f"moe/load_max_over_mean/layer_{i}"] = r
-                    rec["moe/bias_norm"] = float(ckpt.routing_biases(model).norm())
-                rec.update(pipe_m)
-                history.append(rec)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if s % t.log_every == 0 or s == t.steps:
-                    tracking.log_metrics(rec, step=s)
-                    el = time.perf_counter() - t_start
-                    eta = el / steps_run * (t.steps - s)
-                    _say(f"[{stage}] step {s}/{t.steps} loss {loss_val:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} "
-                         f"{tok_s:,.0f} tok/s mfu {100 * rec['perf/mfu']:.1f}% eta {_fmt_eta(eta)}", rank)
-            if state["bad"] >= t.max_bad_steps:
-                c = ckpt.latest(ck_root) if rank == 0 or world == 1 else None
-                if world > 1:
-                    box = [str(c) if c else None]
-                    dist.broadcast_object_list(box, src=0)
-                    c = Path(box[0]) if box[0] else None
-                if c is not None:
-                    keep = {k: state[k] for k in ("data_pos", "tokens", "skipped", "rollbacks", "mlflow_run_id")}
-                    state.update(load_ckpt(c, model, opt, ema))
-                    state.update(keep)
-                    state["rollbacks"] += 1
-                    state["bad"] = 0
-                    s = state["step"]
-                    load_total = torch.tensor(state["load_total"], dtype=torch.float64).reshape(n_moe, E)
-                    _say(f"[{stage}] {t.max_bad_steps} bad steps in a row: rolled back to {c}", rank)
-                else:
-                    state["bad"] = 0
-            if s % t.eval_every == 0 or s == t.steps:
-                last_val = do_eval(s)
-            if (s % t.ckpt_every == 0 and state["bad"] == 0) or s == t.steps:  # never checkpoint a bad streak
-                save_ckpt(s)
-                last_ckpt_step = s
-
-        if ema is not None:
-            ema.wait()
-        if last_ckpt_step != t.steps and state["step"] == t.steps:
-            save_ckpt(t.steps)
-        result.history = history
-        if rank == 0:
-            latest = ckpt.latest(ck_root)
-            result.checkpoint = str(latest) if latest else None
-            result.final = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-            result.final.update(last_val)
-            final_dir = out_dir / "final"
-            if latest is not None:
-                tmp = out_dir / ".final.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(latest / "model", tmp)
-                shutil.rmtree(final_dir, ignore_errors=True)
-                os.replace(tmp, final_dir)
-                result.model_dir = str(final_dir)
-            if run is not None:
-                if pipe is not None and pipe.gantt(out_dir / "pipeline_gantt.png"):
-                    tracking.log_artifact(out_dir / "pipeline_gantt.png", "plots")
-                _log_end(cfg, stage, result, history, val_hist, load_total, latest, final_dir)
-            (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1))
-            _say(f"[{stage}] done: {state['step']} steps in {_fmt_eta(time.perf_counter() - t_start)}; "
-                 f"checkpoint {result.checkpoint}", rank)
-    return result
-
-
-def _log_end(cfg, stage, result, history, val_hist, load_total, latest, final_dir) -> None:
-    from dsv3 import tracking
-
-    t = cfg.train
-    if t.plots:
-        from dsv3.train import plots
-
-        fig = plots.loss_curves(history, val_hist)
-        tracking.log_figure(fig, "plots/loss_curves.png")
-        plots.close(fig)
-        if load_total.numel():
-            fig = plots.expert_load_heatmap(load_total.numpy(), f"{stage}: expert load / mean (layer x expert)")
-            tracking.log_figure(fig, "plots/expert_load_heatmap.png")
-            plots.close(fig)
-    tracking.set_tags({"checkpoint_uri": result.checkpoint, "model_dir": result.model_dir})
-    if latest is not None and t.log_checkpoints:
-        for p in sorted(latest.iterdir()):
-            if p.name != "model":  # the model directory is logged once, by register_model
-                tracking.log_artifact(p, f"checkpoints/{latest.name}")
-    if result.model_dir and t.register_model:
-        result.model_version = tracking.register_model(final_dir, cfg.tracking.registered_model)
-        tracking.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{result.model_version}"})
-    elif result.model_dir:
-        tracking.log_artifact(final_dir, "model")
+    trainer = Trainer(cfg, stage)
+    trainer.restore(resume)
+    with trainer.tracking_run(track, parent_run_id, run_name, tags) as run:
+        trainer.log_start(run)
+        while trainer.state.step < cfg.train.steps:
+            trainer.run_step()
+        return trainer.finish(run)

@@ -3,7 +3,7 @@
 Design choices
 - Two parameter groups: weight decay on matrices (Linear / Embedding weights, the gate),
   none on norms, biases and any 1-D parameter (standard practice; the paper states 0.1
-  without listing exclusions, the issue asks for none on norms and biases).
+  without listing exclusions).
 - FP32 master weights: the optimizer always works on the fp32 parameters; bf16/fp8 only
   change the GEMMs (§3.3.1). `foreach` is kept (deterministic on CPU).
 - The LR is set per step by the loop from `Schedules.lr` (no torch LR scheduler object:
@@ -32,11 +32,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def group_names(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> list[list[str]]:
+    """Parameter names per group, in the optimizer's order (`opt`'s, else `param_groups`'): how sharded
+    layouts map optimizer indices to names and back."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = opt.param_groups if opt is not None else param_groups(model, 0.0)
+    return [[name_of[id(p)] for p in group["params"]] for group in groups]
+
+
 def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
                              betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
+    for group in opt.param_groups:
+        group["lr"] = lr

@@ -14,9 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsv3.train.precision import Precision
+
 
 def _text_parts(tok, key: str):
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     return (enc("There is an important pass key hidden inside a lot of irrelevant text. "
                 "Find it and memorize it.\n"),
             enc("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"),
@@ -50,20 +52,22 @@ def build_prompt(length: int, depth: float, rng: np.random.Generator, tokenizer=
 
 @torch.no_grad()
 def passkey_grid(model, lengths: list[int], depths: list[float], trials: int = 2, tokenizer=None,
-                 seed: int = 0) -> np.ndarray:
-    """Token accuracy [len(lengths), len(depths)] of the answer, teacher-forced."""
+                 seed: int = 0, precision: Precision | str = "fp32") -> np.ndarray:
+    """Token accuracy [len(lengths), len(depths)] of the answer, teacher-forced, in `precision`'s autocast."""
+    precision = Precision.of(precision)
     was = model.training
     model.eval()
     vocab = model.config.vocab_size
     grid = np.zeros((len(lengths), len(depths)))
-    for i, L in enumerate(lengths):
-        for j, d in enumerate(depths):
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
             rng = np.random.default_rng(seed + 1000 * i + j)
             acc = []
             for _ in range(trials):
-                ids, ans = build_prompt(L, d, rng, tokenizer, vocab)
+                ids, ans = build_prompt(length, depth, rng, tokenizer, vocab)
                 x = torch.tensor([ids], device=model.device)
-                logits = model(x).logits[0]
+                with precision.autocast(model.device):
+                    logits = model(x).logits[0]
                 n = len(ans)
                 pred = logits[-n - 1:-1].argmax(-1).tolist()
                 acc.append(float(np.mean([p == a for p, a in zip(pred, ans)])))

@@ -2,8 +2,8 @@
 
 MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs from `ModelConfig.flops_per_token`
 (6·activated params + attention, MTP included) and the peak measured by timing a square
-matmul in the run's compute dtype (so CPU and GPU figures are honest ratios, not against
-a datasheet number).
+matmul in the run's compute dtype (`Precision.compute_dtype`), so CPU and GPU figures are
+honest ratios, not against a datasheet number.
 """
 
 from __future__ import annotations
@@ -23,13 +23,9 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps:
     for _ in range(reps):
         if torch.cuda.is_available() and a.is_cuda:
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        start = time.perf_counter()
         a @ b
         if a.is_cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    return torch.float32 if precision == "fp32" else torch.bfloat16

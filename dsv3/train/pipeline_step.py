@@ -1,7 +1,6 @@
-"""One optimizer step's loss + gradients through a pipeline schedule (report §3.2.1), for `train(cfg)`
-when `cfg.parallel.pp > 1` (issue 7 point 5).
+"""Pipeline parallelism in pretraining (report §3.2.1): the `TrainStep` (step.py) when `cfg.parallel.pp > 1`.
 
-The pipeline ranks are the workers of the training group (Ray Train via `dsv3.launch.run_training`
+The pipeline ranks are the workers of the training group (Ray Train via `dsv3.train.launcher.run_training`
 with dp × pp workers; gloo on CPU, NCCL on GPU); this module only uses the torch.distributed group.
 
 Design:
@@ -25,9 +24,9 @@ Design:
   criterion is the last stage's CE(main) + λ·MTP divided by the number of chunks, and the balance loss
   gets d/d(aux) = 1/chunks, so the gradients are those of `model(x, labels=x).loss` on the whole batch
   (equal-length packed sequences: the mean of the chunk means is the batch mean).
-- Gradients: `DualPipe.sync_grads()` sums the two copies of each stage; for the other schedules the
-  parameters held by several ranks (the embedding: stage 0 and the MTP of the last stage under 1F1B)
-  are all-reduced. The gradient norm for clipping is summed over owners (a replicated stage counts once).
+- Gradients (`sync_grads`): `DualPipe.sync_grads()` sums the two copies of each stage; for the other
+  schedules the parameters held by several ranks (the embedding: stage 0 and the MTP of the last stage
+  under 1F1B) are all-reduced. The gradient norm for clipping is summed over owners (a replicated stage counts once).
 - The loss parts (main, MTP per depth, balance) are accumulated on the stages that compute them and
   all-reduced, so the reported `train/loss` is the model's total loss, as in the non-pipelined loop.
   Expert loads are all-reduced by the loop as under data parallelism (a layer's counts are non-zero
@@ -67,68 +66,65 @@ a checkpoint (every rank reads the whole one into CPU memory).
   group (as above), of expert slices over the replica group (the same slice in the other EP groups; the
   all-to-all backward already summed the EP group's tokens), both /dp; the clip norm adds the expert
   slices' norms² over the EP group; `full_state` gathers from pipelines 0..M-1 to rank 0 under the whole
-  model's names and optimizer order (ExpertStep.g / whole_optimizer), `checkpoint.load(..., part=self)`
-  keeps each rank's part; validation is padded to the same number of batches on every pipeline (the MoE stages are collectives).
+  model's names and optimizer order (ExpertStep.whole_name / whole_groups), `checkpoint.load(...,
+  part=self)` keeps each rank's part; validation is padded to the same number of batches on every
+  pipeline (the MoE stages are collectives).
   All schedules keep the EP group's all-to-alls in one order (see expert_step.py).
-- FP8 (`train.precision=fp8`, §3.3): `build_model` swaps the Linear layers for `dsv3.fp8.FP8Linear` before
-  the pipeline is built; each FP8Linear takes part in the zero-bubble split itself (FP8 Dgrad in B, its FP8
+- FP8 (`train.precision=fp8`, §3.3): `build_model` (the run's `Precision`) swaps the Linear layers for
+  `dsv3.fp8.FP8Linear` before the pipeline is built; each FP8Linear takes part in the zero-bubble split itself (FP8 Dgrad in B, its FP8
   Wgrad queued for the W op, the same ops as without a pipeline; `split_weight_grads` leaves it alone).
   Its Wgrad tile scales (128 tokens) depend on how tokens are batched into micro-batches, so fp8 pipelines
   match the fp8 plain run to ~2e-5 in the losses and ~3e-4 in the grad norm after a few steps, not to fp32
   rounding (step 1's losses, from the batching-independent FP8 Fprop, do: tests/train/test_pipeline.py).
+Config errors (`check_pipeline_config`, through layout.check_layout before any work and before Ray
+starts): more stages than layers, a batch size not divisible into `parallel.chunks` micro-batches.
+The DualPipe rules (even pp, num_chunks >= 2·pp) are ParallelConfig's, the rank counts layout.py's.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ConfigError
-from dsv3.train.checkpoint import StateDict
+from dsv3.model.loss import shifted_cross_entropy
+from dsv3.parallel import collectives
+from dsv3.parallel.partition import pipeline_for
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.stream import bits_per_byte
+from dsv3.train.lr_schedule import Schedules
+from dsv3.train.optim import group_names
+from dsv3.train.precision import Precision
 
 
-def check_config(cfg, world: int) -> None:
-    """Errors for a pipeline run that cannot work, naming the config key."""
-    p, t = cfg.parallel, cfg.train
-    if world % p.pp:
-        raise ConfigError(f"parallel.pp: pp={p.pp} does not divide the number of ranks {world} (pipeline runs "
-                          "need pp ranks: dsv3 pretrain / dsv3.launch.run_training start dp × pp Ray workers)")
-    if world != p.dp * p.pp:
-        raise ConfigError(f"parallel: dp × pp = {p.dp} × {p.pp} = {p.dp * p.pp} ranks expected, got {world} "
-                          "(launch with dsv3.launch.run_training / dsv3 pretrain, which starts dp × pp workers)")
-    if p.schedule == "dualpipe" and p.pp % 2:
-        raise ConfigError(f"parallel.pp: DualPipe needs an even number of pipeline ranks, got {p.pp}")
-    n = p.chunks
-    if p.schedule in ("dualpipe", "dualpipev") and n < 2 * p.pp:
-        raise ConfigError(f"parallel.num_chunks: {p.schedule} needs >= 2*pp = {2 * p.pp}, got {n}")
-    n_stages = 2 * p.pp if p.schedule == "dualpipev" else p.pp
+def check_pipeline_config(cfg) -> None:
+    """Errors for a pipeline layout that cannot work, naming the config key (ranks: layout.py)."""
+    par = cfg.parallel
+    n_stages = 2 * par.pp if par.schedule == "dualpipev" else par.pp
     if n_stages > cfg.model.num_hidden_layers:
-        raise ConfigError(f"parallel.pp: {p.schedule} with pp={p.pp} needs {n_stages} stages but the model has "
+        raise ConfigError(f"parallel.pp: {par.schedule} with pp={par.pp} needs {n_stages} stages but the model has "
                           f"{cfg.model.num_hidden_layers} layers")
-    from dsv3.train.schedule import Schedules
-
-    for b in sorted(set(Schedules(t, cfg.model, p.dp).plan.batches)):
-        if b % n:
-            raise ConfigError(f"parallel.num_chunks: the batch size {b} is not divisible into {n} micro-batches "
-                              "(train.batch_size / batch ramp must be multiples of num_chunks)")
+    for batch in sorted(set(Schedules(cfg.train, cfg.model, par.dp).plan.batches)):
+        if batch % par.chunks:
+            raise ConfigError(f"parallel.num_chunks: the batch size {batch} is not divisible into {par.chunks} "
+                              "micro-batches (train.batch_size / batch ramp must be multiples of num_chunks)")
 
 
 def _dp_pp_groups(dp: int, pp: int):
     """Pipelines of consecutive ranks (d·pp .. d·pp+pp-1) and, per stage position i, the data-parallel
     group {d·pp + i}. new_group is a collective: every rank creates every group, in the same order."""
     me = dist.get_rank()
-    pipe_g = dp_g = None
+    pipe_group = dp_group = None
     for d in range(dp):
-        g = dist.new_group([d * pp + i for i in range(pp)])
+        group = dist.new_group([d * pp + i for i in range(pp)])
         if me // pp == d:
-            pipe_g = g
+            pipe_group = group
     for i in range(pp):
-        g = dist.new_group([d * pp + i for d in range(dp)])
+        group = dist.new_group([d * pp + i for d in range(dp)])
         if me % pp == i:
-            dp_g = g
-    return pipe_g, dp_g
+            dp_group = group
+    return pipe_group, dp_group
 
 
 class PipelineStep:
@@ -136,55 +132,60 @@ class PipelineStep:
 
     def __init__(self, model, cfg, group=None, ep=None):
         """ep: the ExpertStep that sharded `model`'s routed experts (parallel.ep > 1), built before this."""
-        from dsv3.parallel.stages import pipeline_for
-
         self.model, self.cfg, self.ep = model, cfg, ep
-        check_config(cfg, dist.get_world_size())
+        self.precision = Precision.of(cfg.train.precision)
+        check_pipeline_config(cfg)
         self.dp, self.dp_rank, self.dp_group = 1, 0, None
         if group is None and cfg.parallel.dp > 1:
             group, self.dp_group = _dp_pp_groups(cfg.parallel.dp, cfg.parallel.pp)
             self.dp, self.dp_rank = cfg.parallel.dp, dist.get_rank() // cfg.parallel.pp
+        self.data_rank, self.data_world = self.dp_rank, self.dp  # the ranks of one pipeline share its batch
         self.group = group or dist.group.WORLD
         self.rank, self.pp = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.kind, self.chunks = cfg.parallel.schedule, cfg.parallel.chunks
         self.seq_len = cfg.train.seq_len
         self.pipe, self.criterion = pipeline_for(model, self.kind, 1, self.seq_len, self.group,
                                                  cfg.parallel.stage_bounds)
+        self.device = self.pipe._device
         self.stages = list(self.pipe.module)
-        params = list(model.parameters())
-        index = {id(p): i for i, p in enumerate(params)}
-        self.params = params
-        held = sorted({index[id(p)] for m in self.stages for p in m.parameters()})
-        self.held = set(held)
-        all_held = [None] * self.pp
-        dist.all_gather_object(all_held, held, group=self.group)
-        holders: dict[int, list[int]] = {}
-        for r, hs in enumerate(all_held):
-            for i in hs:
-                holders.setdefault(i, []).append(r)
-        missing = [i for i in range(len(params)) if i not in holders]
-        if missing:
-            raise RuntimeError(f"parameters held by no pipeline rank: {missing[:5]}")
-        self.owner = {i: min(rs) for i, rs in holders.items()}
-        # parameters held by several ranks outside DualPipe's stage copies (sync_grads sums those)
-        self.shared = [] if self.kind == "dualpipe" else sorted(i for i, rs in holders.items() if len(rs) > 1)
+        self.params = list(model.parameters())
+        self._place_parameters()
         self.timelines: list | None = None
         # stage index -> the pipeline rank that runs it in evaluation (the lowest rank holding it)
         self.n_stages = 2 * self.pp if self.kind == "dualpipev" else self.pp
         ids = [self.rank] if self.kind == "1f1b" else [self.rank, self.n_stages - 1 - self.rank]
         self.stage_of = dict(zip(ids, self.stages))
-        self.stage_rank = [min(s, self.n_stages - 1 - s) if self.kind != "1f1b" else s for s in range(self.n_stages)]
+        self.stage_rank = [min(i, self.n_stages - 1 - i) if self.kind != "1f1b" else i for i in range(self.n_stages)]
         # the whole model's names, shapes and optimizer order (dsv3.train.optim.param_groups), kept before freeing
         self.names = [n for n, _ in model.named_parameters()]
-        if len(self.names) != len(params):
+        if len(self.names) != len(self.params):
             raise RuntimeError("named_parameters and parameters disagree")
-        self.shapes = [tuple(p.shape) for p in params]
-        # whole-model names (a local expert slice's index -> the global expert's) and the expert slices
-        self.gnames = [ep.g(n) for n in self.names] if ep is not None else self.names
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.to_whole = ep.whole_name if ep is not None else (lambda name: name)  # local -> whole-model names
+        self.whole_names = [self.to_whole(n) for n in self.names]
+        self.whole_groups = ep.whole_groups if ep is not None else group_names(model)
         self.experts = {i for i, n in enumerate(self.names) if n in ep.expert_names} if ep is not None else set()
-        self.n_params = ep.n_params if ep is not None else sum(p.numel() for p in params)
-        self.whole_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.n_params = ep.n_params if ep is not None else sum(p.numel() for p in self.params)
+        self.whole_bytes = sum(p.numel() * p.element_size() for p in self.params)
         self._free()
+
+    def _place_parameters(self) -> None:
+        """held (this rank's parameter indices), owner (the lowest pipeline rank holding each) and shared
+        (held by several ranks outside DualPipe's stage copies, whose grads DualPipe.sync_grads sums)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        held = sorted({index[id(p)] for m in self.stages for p in m.parameters()})
+        self.held = set(held)
+        all_held = [None] * self.pp
+        dist.all_gather_object(all_held, held, group=self.group)
+        holders: dict[int, list[int]] = {}
+        for r, indices in enumerate(all_held):
+            for i in indices:
+                holders.setdefault(i, []).append(r)
+        missing = [i for i in range(len(self.params)) if i not in holders]
+        if missing:
+            raise RuntimeError(f"parameters held by no pipeline rank: {missing[:5]}")
+        self.owner = {i: min(ranks) for i, ranks in holders.items()}
+        self.shared = [] if self.kind == "dualpipe" else sorted(i for i, ranks in holders.items() if len(ranks) > 1)
 
     @torch.no_grad()
     def _free(self) -> None:
@@ -211,110 +212,86 @@ class PipelineStep:
             return ((x,), (x, x)) if first else ((), ())
         return ((x,) if first else ()), ((x, x) if last else ())
 
-    def forward_backward(self, x: torch.Tensor, mtp_weight: float, autocast, poison: bool = False) -> torch.Tensor:
-        """Loss + grads of the whole batch `x` [B, S] (labels = x); returns the all-reduced
-        [loss, main, balance, mtp_1..] (float64, as the loop's `sums`). poison (train.debug_nan_steps): the
-        criterion is multiplied by NaN, as the plain loop's injected bad batch (NaN loss, NaN grads)."""
+    def forward_backward(self, x: torch.Tensor, micro_batch: int, mtp_weight: float,
+                         poison: bool = False) -> torch.Tensor:
+        """Loss + grads of the whole batch `x` [B, S] (labels = x) in `parallel.chunks` micro-batches
+        (`micro_batch` is the plain step's and unused); returns [loss, main, balance, mtp_1..] (float64)
+        summed over the pipeline's stages. poison (train.debug_nan_steps): the criterion times NaN, as
+        the plain step's injected bad batch (NaN loss, NaN grads)."""
         n = self.chunks
         B, S = x.shape
         if B % n:
             raise ValueError(f"batch of {B} is not divisible into parallel.num_chunks={n} micro-batches")
         self.pipe.set_p2p_tensor_shapes([(B // n, S, self.model.config.hidden_size)])
-        for st in self.stages:
-            st.aux_grad_scale, st.stats = 1.0 / n, {}
-            if st.last:
-                st.mtp_loss_weight = mtp_weight
+        for stage in self.stages:
+            stage.aux_grad_scale, stage.stats = 1.0 / n, {}
+            if stage.last:
+                stage.mtp_loss_weight = mtp_weight
         inputs, labels = self._feed(x)
         scale = float("nan") if poison else 1.0
         crit = (lambda h, ids, lab: self.criterion(h, ids, lab) / n * scale) if self.criterion is not None else None
-        with autocast:
+        with self.precision.autocast(self.device):
             loss, _ = self.pipe.step(*inputs, num_chunks=n, criterion=crit, labels=labels)
-        n_mtp = self.cfg.model.num_nextn_predict_layers
-        parts = torch.zeros(3 + n_mtp, dtype=torch.float64)
-        for st in self.stages:
-            s, st.stats = st.stats, None
-            parts[1] += float(s.get("main", 0.0))
-            parts[2] += float(s.get("balance", 0.0))
-            for k, v in s.get("mtp", {}).items():
+        parts = torch.zeros(3 + self.cfg.model.num_nextn_predict_layers, dtype=torch.float64)
+        for stage in self.stages:
+            stats, stage.stats = stage.stats, None
+            parts[1] += float(stats.get("main", 0.0))
+            parts[2] += float(stats.get("balance", 0.0))
+            for k, v in stats.get("mtp", {}).items():
                 parts[3 + k] += float(v)
         parts[1:] /= n
         if loss is not None:
             parts[0] = float(loss.double().sum())
         parts[0] += parts[2]  # the balance loss is not in the pipeline's criterion
-        dev = self.pipe._device
-        parts_d = parts.to(dev)
-        dist.all_reduce(parts_d, group=self.group)
-        self._sync_grads()
-        if self.dp_group is not None:  # data parallel over pipelines: mean of the replicas' grads and losses
-            parts_d /= self.dp
-            dist.all_reduce(parts_d, group=self.dp_group)
-            dense = [self.params[i] for i in sorted(self.held - self.experts)]
-            self._mean_grads(dense, self.dp_group)
-            if self.ep is not None:  # expert slices: the same slice in the data-parallel group's other EP groups
-                experts = [self.params[i] for i in sorted(self.held & self.experts)]
-                self._mean_grads(experts, self.ep.rep_group if self.ep.n_rep > 1 else None)
-        return parts_d.cpu()
+        return collectives.all_reduce_sum(parts, self.group, self.device)
 
-    def _mean_grads(self, held: list, group) -> None:
-        """grad = sum over `group` (None: this rank alone) / dp, i.e. the DDP mean over the data-parallel
-        pipelines (an expert slice's grad already sums its EP group's tokens through the all-to-all)."""
-        if not held:  # the same on every member of the group (same stage position, same slice)
-            return
-        for p in held:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch._utils._flatten_dense_tensors([p.grad for p in held])
-        flat /= self.dp
-        if group is not None:
-            dist.all_reduce(flat, group=group)
-        for p, g in zip(held, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in held])):
-            p.grad.copy_(g)
-
-    def _sync_grads(self) -> None:
+    def sync_grads(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sum the grads of parameters held twice in the pipeline; with data-parallel pipelines, the
+        replicas' mean of the grads and loss sums (expert slices: over the replica group, see above)."""
         if self.kind == "dualpipe":
             self.pipe.sync_grads()
         if self.shared:
-            dev = self.pipe._device
-            parts = []
-            for i in self.shared:  # a rank not holding a shared parameter adds zeros of its (whole) shape
-                g = self.params[i].grad if i in self.held else None
-                parts.append(g.reshape(-1) if g is not None else torch.zeros(math.prod(self.shapes[i]), device=dev,
-                                                                             dtype=self.params[i].dtype))
-            flat = torch.cat(parts)
-            dist.all_reduce(flat, group=self.group)
-            off = 0
-            for i in self.shared:
-                n = math.prod(self.shapes[i])
-                if i in self.held:
-                    self.params[i].grad = flat[off:off + n].view(self.shapes[i]).clone()
-                off += n
+            self._sum_shared_grads()
+        if self.dp_group is None:
+            return sums
+        sums = collectives.all_reduce_mean(sums, self.dp, self.dp_group, self.device)
+        collectives.mean_grads_([self.params[i] for i in sorted(self.held - self.experts)], self.dp, self.dp_group)
+        if self.ep is not None:  # expert slices: the same slice in the data-parallel group's other EP groups
+            collectives.mean_grads_([self.params[i] for i in sorted(self.held & self.experts)], self.dp,
+                                    self.ep.replica_group, reduce=self.ep.n_replicas > 1)
+        return sums
+
+    def _sum_shared_grads(self) -> None:
+        """A rank not holding a shared parameter adds zeros of its (whole) shape."""
+        grads = []
+        for i in self.shared:
+            grad = self.params[i].grad if i in self.held else None
+            grads.append(grad if grad is not None else
+                         torch.zeros(self.shapes[i], device=self.device, dtype=self.params[i].dtype))
+        for i, summed in zip(self.shared, collectives.all_reduce_flat(grads, group=self.group)):
+            if i in self.held:
+                self.params[i].grad = summed.clone()
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global grad norm (each parameter counted once, on its owner; with ep each expert slice once: the
         pipeline's slice norms² summed over the EP group) and clipping, as clip_grad_norm_."""
-        sq = torch.zeros(2, dtype=torch.float64, device=self.pipe._device)  # [dense, expert slices]
-        for i in self.held:
-            g = self.params[i].grad
-            if g is not None and self.owner[i] == self.rank:
-                sq[int(i in self.experts)] += g.double().pow(2).sum()
-        dist.all_reduce(sq, group=self.group)
+        owned = [i for i in self.held if self.owner[i] == self.rank]
+        dense = [self.params[i] for i in owned if i not in self.experts]
+        experts = [self.params[i] for i in owned if i in self.experts]
+        sq_norms = torch.stack([collectives.grad_sq_norm(dense, self.device),  # [dense, expert slices]
+                                collectives.grad_sq_norm(experts, self.device)])
+        dist.all_reduce(sq_norms, group=self.group)
         if self.ep is not None:
-            e = sq[1:].clone()
-            dist.all_reduce(e, group=self.ep.ep_group)
-            sq[1] = e[0]
-        norm = float((sq[0] + sq[1]).sqrt())
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0 or not math.isfinite(norm):
-            for i in self.held:
-                if self.params[i].grad is not None:
-                    self.params[i].grad.mul_(coef)
-        return norm
+            expert_sq = sq_norms[1:].clone()
+            dist.all_reduce(expert_sq, group=self.ep.ep_group)
+            sq_norms[1] = expert_sq[0]
+        return collectives.clip_grads_([self.params[i] for i in self.held], max_norm, sq_norms[0] + sq_norms[1])
 
     # ---------- evaluation ----------
     @torch.no_grad()
-    def evaluate(self, stream, batches: int, batch: int, precision: str) -> tuple[float, float | None]:
-        """`loop.evaluate` for the split model (a collective over the world): the validation windows of this
+    def evaluate(self, stream, batches: int, batch: int) -> tuple[float, float | None]:
+        """`step.evaluate` for the split model (a collective over the world): the validation windows of this
         pipeline's data shard go through the stages in order, one batch at a time (stage s runs on the
         lowest pipeline rank holding it; hidden states are sent point-to-point, cast to the model dtype as
         in training). The last stage adds the main next-token loss. No schedule, no overlap: evaluation
@@ -322,44 +299,36 @@ class PipelineStep:
         collective over its EP group (the same stage position in other pipelines, running the same stages in
         the same order), so every pipeline runs the same number of batches (`ExpertStep.pad_batches`; the
         padding batches are not counted)."""
-        from dsv3.model.transformer import _shifted_ce
-        from dsv3.train.data import bits_per_byte
-        from dsv3.train.loop import autocast_ctx
-
-        model, dev = self.model, self.pipe._device
+        model, dev = self.model, self.device
         was = model.training
         model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=dev)
-        glob = (lambda r: r) if self.group is dist.group.WORLD else (lambda r: dist.get_global_rank(self.group, r))
+        totals = torch.zeros(2, dtype=torch.float64, device=dev)  # [loss × tokens, tokens]
+        global_rank = ((lambda r: r) if self.group is dist.group.WORLD
+                       else (lambda r: dist.get_global_rank(self.group, r)))
         xs = list(stream.eval_batches(batches, batch, self.dp_rank, self.dp))
         for x, counted in (self.ep.pad_batches(xs, self.seq_len) if self.ep is not None else [(x, True) for x in xs]):
             x, h = x.to(dev), None
-            for s in range(self.n_stages):
-                if self.stage_rank[s] != self.rank:
+            for i in range(self.n_stages):
+                if self.stage_rank[i] != self.rank:
                     continue
-                st = self.stage_of[s]
-                if s and self.stage_rank[s - 1] != self.rank:
+                stage = self.stage_of[i]
+                if i and self.stage_rank[i - 1] != self.rank:
                     h = torch.empty(*x.shape, model.config.hidden_size, dtype=model.dtype, device=dev)
-                    dist.recv(h, src=glob(self.stage_rank[s - 1]), group=self.group)
-                with autocast_ctx(precision, dev):
-                    h = st(x if s == 0 else h)
-                    if s == self.n_stages - 1 and counted:
+                    dist.recv(h, src=global_rank(self.stage_rank[i - 1]), group=self.group)
+                with self.precision.autocast(dev):
+                    h = stage(x if i == 0 else h)
+                    if i == self.n_stages - 1 and counted:
                         n = x.shape[0] * (x.shape[1] - 1)
-                        tot[0] += _shifted_ce(st.logits(h), x, 1).double() * n
-                        tot[1] += n
-                if s + 1 < self.n_stages and self.stage_rank[s + 1] != self.rank:
-                    dist.send(h.to(model.dtype).contiguous(), dst=glob(self.stage_rank[s + 1]), group=self.group)
-        dist.all_reduce(tot)  # each pipeline's last stage holds its sums; the others add zeros
+                        totals[0] += shifted_cross_entropy(stage.logits(h), x, 1).double() * n
+                        totals[1] += n
+                if i + 1 < self.n_stages and self.stage_rank[i + 1] != self.rank:
+                    dist.send(h.to(model.dtype).contiguous(), dst=global_rank(self.stage_rank[i + 1]), group=self.group)
+        dist.all_reduce(totals)  # each pipeline's last stage holds its sums; the others add zeros
         model.train(was)
-        loss = float(tot[0] / tot[1].clamp(min=1))
+        loss = float(totals[0] / totals[1].clamp(min=1))
         return loss, bits_per_byte(loss, stream.bytes_per_token)
 
     # ---------- whole-model checkpoints ----------
-    def _opt_names(self, opt) -> list[str]:
-        """Parameter names in the optimizer's index order (the plain run's: same model, same grouping)."""
-        pos = {id(p): i for i, p in enumerate(self.params)}
-        return [self.names[pos[id(p)]] for g in opt.param_groups for p in g["params"]]
-
     def full_state(self, opt, ema=None):
         """(whole model, object with the whole optimizer state_dict(), object with the whole EMA state_dict())
         on global rank 0, (None, None, None) elsewhere; a collective: call on every rank. Each parameter,
@@ -367,98 +336,89 @@ class PipelineStep:
         (data-parallel pipelines hold the same values); buffers (routing biases) are whole on every rank."""
         ep = self.ep
         # pipelines 0 .. M-1 (EP group 0 at every stage position) hold every stage and every expert slice
-        contributes = self.dp_rank < (ep.M if ep is not None else 1)
+        contributes = self.dp_rank < (ep.ep_size if ep is not None else 1)
         if ep is None and not contributes:
             return None, None, None
-        g = dict(zip(self.names, self.gnames))  # local -> whole-model names
+        whole = dict(zip(self.names, self.whole_names))
         owned = {self.names[i] for i in self.held if self.owner[i] == self.rank} if contributes else set()
-        w = {g[n]: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned}
-        names = self._opt_names(opt)
-        sd = opt.state_dict()
-        o = {g[names[k]]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in st.items()}
-             for k, st in sd["state"].items() if names[k] in owned}
-        e = {g[n]: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}
+        names = [n for group in group_names(self.model, opt) for n in group]  # local names in optimizer order
+        opt_sd = opt.state_dict()
+        mine = {"w": {whole[n]: p.detach().cpu() for n, p in zip(self.names, self.params) if n in owned},
+                "o": {whole[names[k]]: {a: (v.cpu() if torch.is_tensor(v) else v) for a, v in state.items()}
+                      for k, state in opt_sd["state"].items() if names[k] in owned},
+                "e": {whole[n]: v for n, v in ema.state_dict().items() if n in owned} if ema is not None else {}}
         # ep: every rank takes part (the others send nothing); else pipeline 0 only (it holds global rank 0)
-        n_in = dist.get_world_size() if ep is not None else self.pp
-        out = [None] * n_in if dist.get_rank() == 0 else None
-        dist.gather_object({"w": w, "o": o, "e": e}, out, dst=0, group=None if ep is not None else self.group)
-        if dist.get_rank() != 0:
+        state = collectives.gather_union(mine, None if ep is not None else self.group)
+        if state is None:
             return None, None, None
-        for d in out[1:]:
-            w.update(d["w"])
-            o.update(d["o"])
-            e.update(d["e"])
-        canon = {id(p): n for n, p in zip(self.names, self.params)}
+        weights = state["w"]
+        canonical = {id(p): n for n, p in zip(self.names, self.params)}
         for n, p in self.model.named_parameters(remove_duplicate=False):  # tied weights under both names
-            w.setdefault(ep.g(n) if ep is not None else n, w[g[canon[id(p)]]])
+            weights.setdefault(self.to_whole(n), weights[whole[canonical[id(p)]]])
         keys = set(self.model.state_dict())
-        w.update({(ep.g(n) if ep is not None else n): b.detach().cpu()
-                  for n, b in self.model.named_buffers() if n in keys})
-        with torch.device("meta"):
-            whole = type(self.model)(self.model.config)
-        whole.to_empty(device="cpu")
-        whole.load_state_dict(w)
-        if ep is not None:  # the whole model's parameter order (more experts than this rank's optimizer has)
-            full_opt = ep.whole_optimizer(sd["param_groups"], o)
-        else:
-            index = {n: k for k, n in enumerate(names)}
-            full_opt = {"state": {index[n]: st for n, st in sorted(o.items(), key=lambda kv: index[kv[0]])},
-                        "param_groups": sd["param_groups"]}
-        return whole, StateDict(full_opt), (StateDict(e) if ema is not None else None)
+        weights.update({self.to_whole(n): b.detach().cpu() for n, b in self.model.named_buffers() if n in keys})
+        model = collectives.assemble_whole_model(self.model, weights)
+        opt_state = ckpt.merge_optimizer_state(opt_sd["param_groups"], self.whole_groups, state["o"])
+        return model, ckpt.StateDict(opt_state), (ckpt.StateDict(state["e"]) if ema is not None else None)
+
+    def load(self, path, opt=None, ema=None) -> dict:
+        return ckpt.load(path, self.model, opt, ema, part=self)
 
     # ---------- loading a whole checkpoint (checkpoint.load(..., part=self): resume, rollback) ----------
+    @torch.no_grad()
     def load_weights(self, model, whole: dict) -> None:
         """Keep the held parameters of the whole model's state_dict (every rank reads the whole checkpoint,
         one whole model in CPU memory, transiently); buffers (routing biases) are taken whole."""
-        for i, (gn, p) in enumerate(zip(self.gnames, self.params)):
+        for i, (name, p) in enumerate(zip(self.whole_names, self.params)):
             if i in self.held:
-                p.copy_(whole[gn])
-        g = self.ep.g if self.ep is not None else (lambda n: n)  # local -> whole-model names
+                p.copy_(whole[name])
         for n, b in model.named_buffers():
-            if g(n) in whole:
-                b.copy_(whole[g(n)])
+            if self.to_whole(n) in whole:
+                b.copy_(whole[self.to_whole(n)])
 
     def local_optimizer_state(self, opt, full: dict) -> dict:
         """The AdamW state of the held parameters, at this rank's optimizer indices."""
         held = {self.names[i] for i in self.held}
-        names = self._opt_names(opt)
-        if self.ep is not None:  # whole-model indices -> this rank's (its expert slices only)
-            local = [[names[k] for k in pg["params"]] for pg in opt.state_dict()["param_groups"]]
-            return self.ep.local_optimizer(full, local, keep=held.__contains__)
-        return {"state": {k: st for k, st in full["state"].items() if names[k] in held},
-                "param_groups": full["param_groups"]}
+        return ckpt.slice_optimizer_state(full, self.whole_groups, group_names(self.model, opt), self.to_whole,
+                                          keep=held.__contains__)
 
     def local_ema_state(self, ema, whole: dict) -> dict:
         held = {self.names[i] for i in self.held}
-        g = self.ep.g if self.ep is not None else (lambda n: n)
-        return {n: (whole[g(n)] if n in held else t) for n, t in ema.state_dict().items()}
+        return {n: (whole[self.to_whole(n)] if n in held else v) for n, v in ema.state_dict().items()}
 
     # ---------- bubbles ----------
-    def bubble_metrics(self) -> dict:
-        """Gather this step's timelines (a collective); metrics for rank 0 (empty elsewhere)."""
+    def step_metrics(self, log_due: bool) -> dict:
+        """On logging steps: gather this step's timelines (a collective); metrics for rank 0 (empty elsewhere)."""
         from dsv3.parallel.bubble import gather_timelines, report
 
-        tls = gather_timelines(self.pipe)
+        if not log_due:
+            return {}
+        timelines = gather_timelines(self.pipe)
         if self.rank != 0:
             return {}
-        self.timelines = tls
-        rep = report(self.kind, tls)
-        m = {"pipeline/bubble_fraction": rep["fraction"], "pipeline/bubble_s": rep["bubble"],
-             "pipeline/span_s": rep["span"]}
-        for r, st in enumerate(rep["per_rank"]):
-            m[f"pipeline/bubble_fraction/rank_{r}"] = st["fraction"]
+        self.timelines = timelines
+        rep = report(self.kind, timelines)
+        metrics = {"pipeline/bubble_fraction": rep["fraction"], "pipeline/bubble_s": rep["bubble"],
+                   "pipeline/span_s": rep["span"]}
+        for r, stats in enumerate(rep["per_rank"]):
+            metrics[f"pipeline/bubble_fraction/rank_{r}"] = stats["fraction"]
         for k, v in rep["costs"].items():
-            m[f"pipeline/op_s/{k}"] = v
+            metrics[f"pipeline/op_s/{k}"] = v
         for k, v in rep["analytic"].items():
-            m[f"pipeline/analytic_bubble_s/{k}"] = v
+            metrics[f"pipeline/analytic_bubble_s/{k}"] = v
         # the formula of the schedule in use (DualPipeV has DualPipe's bubble), as a fraction of the span
         own = rep["analytic"]["1f1b" if self.kind == "1f1b" else "dualpipe"]
-        m["pipeline/analytic_bubble_fraction"] = own / rep["span"] if rep["span"] else 0.0
-        return m
+        metrics["pipeline/analytic_bubble_fraction"] = own / rep["span"] if rep["span"] else 0.0
+        return metrics
 
-    def gantt(self, path) -> str | None:
+    def artifacts(self, out_dir) -> list:
+        """The Gantt chart of the last gathered step (rank 0), to log under plots/."""
+        from pathlib import Path
+
         from dsv3.parallel.bubble import gantt
 
-        if not self.timelines:
-            return None
-        return gantt(self.timelines, str(path), f"{self.kind} PP={self.pp}, {self.chunks} chunks (last step)")
+        path = Path(out_dir) / "pipeline_gantt.png"
+        if not self.timelines or not gantt(self.timelines, str(path),
+                                           f"{self.kind} PP={self.pp}, {self.chunks} chunks (last step)"):
+            return []
+        return [path]

@@ -12,12 +12,12 @@ import numpy as np  # noqa: E402
 def loss_curves(history: list[dict], val: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
-        s = [h["step"] for h in history]
-        ax.plot(s, [h["train/loss"] for h in history], label="train/loss", lw=1)
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [h["train/loss"] for h in history], label="train/loss", lw=1)
         if "train/main_loss" in history[0]:
-            ax.plot(s, [h["train/main_loss"] for h in history], label="train/main_loss", lw=1)
+            ax.plot(steps, [h["train/main_loss"] for h in history], label="train/main_loss", lw=1)
         for k in sorted(k for k in history[0] if k.startswith("train/mtp_loss_")):
-            ax.plot(s, [h.get(k, np.nan) for h in history], label=k, lw=1, alpha=0.7)
+            ax.plot(steps, [h.get(k, np.nan) for h in history], label=k, lw=1, alpha=0.7)
     for key in ("val/loss", "val/ema_loss"):
         pts = [(v["step"], v[key]) for v in val if key in v]
         if pts:

@@ -37,7 +37,7 @@ def apply_recompute(model: nn.Module, mode: str) -> int:
         return 0
     from dsv3.model.layers import RMSNorm
     from dsv3.model.mla import MLA
-    from dsv3.model.transformer import Block
+    from dsv3.model.block import Block
 
     n = 0
     for name, m in model.named_modules():

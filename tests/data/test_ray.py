@@ -15,7 +15,7 @@ from .conftest import small_cfg
 @pytest.mark.timeout(300)
 def test_ray_two_workers_identical_outputs(curated, corpus, tmp_path):
     ray = pytest.importorskip("ray")
-    from dsv3.launch import ray_map, ray_shutdown
+    from dsv3.cluster import ray_map, ray_shutdown
 
     out, cfg, _ = curated
     rcfg = small_cfg([corpus[0]], workers=2, batch_size=3)  # several batches -> several Ray tasks

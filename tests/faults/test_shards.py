@@ -54,7 +54,7 @@ def test_clean_shards_verify_and_read(sd):
 
 
 def test_flipped_byte_is_caught_before_training_reads(sd):
-    from dsv3.train.data import PackedStream
+    from dsv3.train.stream import PackedStream
 
     before = {p.name: p.read_bytes() for p in sd.iterdir()}
     _flip(sd / "train.bin", 123)

@@ -97,8 +97,8 @@ def test_grpo_raises_mean_reward_from_sft_model(sft_result, tok):
 
 @pytest.mark.slow
 def test_rollouts_on_ray_actors(sft_result, tok, tok_dir):
-    """rollout_workers > 0: rollouts run on Ray workers (dsv3.launch.ray_map) with the policy's weights."""
-    from dsv3.launch import ray_init
+    """rollout_workers > 0: rollouts run on Ray workers (dsv3.cluster.ray_map) with the policy's weights."""
+    from dsv3.cluster import ray_init
     from dsv3.posttrain.grpo import ray_rollout
 
     ray_init(num_cpus=2)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dsv3.config import RunConfig
 from dsv3.model.config import ConfigError
 from dsv3.parallel.local import spawn
-from dsv3.train.expert_step import check_config
+from dsv3.train.layout import check_layout
 from tests.train.conftest import tiny_cfg
 
 COMPARED = ("train/loss", "train/main_loss", "train/mtp_loss_1", "train/balance_loss", "train/grad_norm")
@@ -38,7 +38,7 @@ def _slice_report(cfg) -> dict:
     from dsv3.model.layers import Expert
     from dsv3.parallel.expert import ExpertParallelMoE
     from dsv3.train.expert_step import ExpertStep
-    from dsv3.train.loop import build_model
+    from dsv3.train.step import build_model
 
     gc.collect()
     model = build_model(cfg, torch.device("cpu"))
@@ -161,20 +161,20 @@ def test_config_errors_name_the_key(tiny_shards, tmp_path):
     from dsv3.train.loop import train
 
     with pytest.raises(ConfigError, match="parallel.ep: ep=2 does not divide parallel.dp=3"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=2"), 3)
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=2"), 3)
     with pytest.raises(ConfigError, match="model.n_routed_experts"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=3"), 3)
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.dp=3", "parallel.ep=3"), 3)
     with pytest.raises(ConfigError, match="parallel.dp: expert parallelism needs dp × pp = 2 × 2 ranks, got 2"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 2)
-    check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 4)  # ep with pp: supported
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 2)
+    check_layout(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "parallel.pp=2"), 4)  # ep with pp: supported
     with pytest.raises(ConfigError, match="parallel.dp"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2"), 4)
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.ep=2"), 4)
     with pytest.raises(ConfigError, match="first_k_dense_replace"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "model.first_k_dense_replace=3",
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.ep=2", "model.first_k_dense_replace=3",
                           "model.num_nextn_predict_layers=0"), 2)
     with pytest.raises(ConfigError, match="parallel.dp"):
         train(_cfg(tiny_shards, tmp_path, "parallel.ep=2"), track=False)  # one process is not 2 ranks
-    from dsv3.launch import run_training
+    from dsv3.train.launcher import run_training
 
     with pytest.raises(ConfigError, match="parallel.ep: ep=3 does not divide parallel.dp=2"):
         run_training(_cfg(tiny_shards, tmp_path, "parallel.ep=3"), progress=False)  # before Ray starts

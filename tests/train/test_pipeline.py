@@ -21,7 +21,7 @@ from dsv3.config import RunConfig
 from dsv3.model.config import ConfigError
 from dsv3.parallel.local import spawn
 from dsv3.train.loop import train
-from dsv3.train.pipeline_step import check_config
+from dsv3.train.layout import check_layout
 from tests.train.conftest import tiny_cfg
 
 STEPS = 3
@@ -72,17 +72,17 @@ def test_config_errors(tiny_shards, tmp_path):
         _cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.num_chunks=2")
     cfg = _cfg(tiny_shards, tmp_path, "parallel.pp=2")
     with pytest.raises(ConfigError, match="does not divide"):
-        check_config(cfg, 3)
+        check_layout(cfg, 3)
     with pytest.raises(ConfigError, match="does not divide"):
         train(cfg, track=False)  # one process cannot run a 2-rank pipeline
     with pytest.raises(ConfigError, match="divisible"):  # batch 4 into 6 micro-batches
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.num_chunks=6"), 2)
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.num_chunks=6"), 2)
     with pytest.raises(ConfigError, match="stages"):  # DualPipeV pp=2: 4 stages, tiny has 3 layers
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=dualpipev"), 2)
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.schedule=dualpipev"), 2)
     with pytest.raises(ConfigError, match="dp × pp"):
-        check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2"), 2)
-    check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"), 4)  # supported
-    check_config(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "train.precision=fp8"), 2)  # supported
+        check_layout(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2"), 2)
+    check_layout(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"), 4)  # supported
+    check_layout(_cfg(tiny_shards, tmp_path, "parallel.pp=2", "train.precision=fp8"), 2)  # supported
     assert isinstance(RunConfig.load("configs/pretrain_tiny.yaml", ["parallel.pp=2"]).parallel.pp, int)
 
 
@@ -138,7 +138,7 @@ def _assert_loads_into_plain_model(cfg, run_dir, ref_dir):
 
 
 def _memory_worker(rank, world, cfgs, out):
-    from dsv3.train.loop import build_model
+    from dsv3.train.step import build_model
     from dsv3.train.pipeline_step import PipelineStep
 
     res = {}
@@ -208,7 +208,8 @@ def test_dualpipe_on_ray_two_workers(tiny_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from dsv3 import tracking
-    from dsv3.launch import ray_init, run_training
+    from dsv3.cluster import ray_init
+    from dsv3.train.launcher import run_training
 
     train(_cfg(tiny_shards, tmp_path / "ref"), track=False)
     ray.shutdown()
@@ -254,7 +255,7 @@ def test_pipeline_resume_is_bitwise(tiny_shards, tmp_path):
 def _ep_worker(rank, world, cfg_dict, out):
     """Train, then report what this rank holds after the loop's build (experts sharded, stages freed)."""
     from dsv3.train.expert_step import ExpertStep
-    from dsv3.train.loop import build_model
+    from dsv3.train.step import build_model
     from dsv3.train.pipeline_step import PipelineStep
 
     cfg = RunConfig.from_dict(cfg_dict)
@@ -262,7 +263,7 @@ def _ep_worker(rank, world, cfg_dict, out):
     model = build_model(cfg, torch.device("cpu"))
     ep = ExpertStep(model, cfg)
     pipe = PipelineStep(model, cfg, ep=ep)
-    held = {ep.g(n): list(p.shape) for n, p in model.named_parameters() if p.untyped_storage().nbytes()}
+    held = {ep.whole_name(n): list(p.shape) for n, p in model.named_parameters() if p.untyped_storage().nbytes()}
     Path(out, f"ep_rank{rank}.json").write_text(json.dumps(
         {"held": held, "bytes": sum(p.untyped_storage().nbytes() for p in model.parameters()),
          "n_params": pipe.n_params, "ranges": [list(m.local_range) for m in model.moe_layers()]}))
@@ -298,7 +299,7 @@ def test_expert_parallel_pipelines_match_plain_loop(tiny_shards, tmp_path, sched
 
     from dsv3.model.transformer import DeepSeekV3
     from dsv3.train import checkpoint as ckpt
-    from dsv3.train.data import PackedStream
+    from dsv3.train.stream import PackedStream
 
     ov = ("model.aux_loss_alpha=0.01", f"train.batch_size={batch}", f"model.num_hidden_layers={layers}", *BAD)
     train(_cfg(tiny_shards, tmp_path / "ref", *ov), track=False)

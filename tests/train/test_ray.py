@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from dsv3.launch import ray_init, run_training
+from dsv3.cluster import ray_init
+from dsv3.train.launcher import run_training
 from dsv3.train.loop import train
 from tests.train.conftest import tiny_cfg
 

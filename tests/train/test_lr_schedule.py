@@ -6,7 +6,7 @@ import torch
 from dsv3.model.config import ModelConfig
 from dsv3.train.config import TrainConfig
 from dsv3.train.optim import make_optimizer, param_groups
-from dsv3.train.schedule import Schedules, lr_at, make_plan
+from dsv3.train.lr_schedule import Schedules, lr_at, make_plan
 
 
 def test_lr_shape_follows_paper():

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from dsv3.model.config import ModelConfig
 from dsv3.model.transformer import DeepSeekV3
-from dsv3.parallel.stages import layer_split, pipeline_for, split_model
+from dsv3.parallel.partition import layer_split, pipeline_for, split_model
 from tests.parallel.workers import grad_diff, spawn
 
 S, MB = 8, 2

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dsv3.model.loss import shifted_cross_entropy
 from dsv3.parallel.pipeline import DualPipe, DualPipeV, OneFOneB
 
 
@@ -78,9 +79,7 @@ class Stage(nn.Module):
 
     def loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CE(main) + λ·mean_k CE(MTP depth k): the model's loss without the balance term."""
-        from dsv3.model.transformer import _shifted_ce
-
-        loss = main = _shifted_ce(self.logits(h), labels, 1)
+        loss = main = shifted_cross_entropy(self.logits(h), labels, 1)
         S = h.shape[1]
         if len(self.mtp):
             emb, rope, h_k, mtp = self.embed_tokens(input_ids), self._rope(S, h.device), h, []
@@ -89,7 +88,7 @@ class Stage(nn.Module):
                     break
                 h_k = mod(h_k[:, : S - k], emb[:, k:], (rope[0][:, : S - k], rope[1][:, : S - k]))
                 h_k = self._add_aux(h_k, mod.block)
-                mtp.append(_shifted_ce(self.lm_head(mod.norm(h_k)), labels, k + 1))
+                mtp.append(shifted_cross_entropy(self.lm_head(mod.norm(h_k)), labels, k + 1))
             if mtp:
                 loss = loss + self.mtp_loss_weight * torch.stack(mtp).mean()
             if self.stats is not None:

@@ -44,15 +44,15 @@ def make_plan(steps: int, batch_size: int, seq_len: int, ramp_start: int | None 
     if batch_size % granule:
         raise ValueError(f"batch_size {batch_size} is not a multiple of ranks x micro-batch = {granule}")
     nominal = steps * batch_size * seq_len
-    batches, before, t = [], [], 0
+    batches, before, tokens = [], [], 0
     for _ in range(steps):
-        b = batch_size
-        if ramp_start is not None and ramp_frac > 0 and t < ramp_frac * nominal:
-            b = ramp_start + (batch_size - ramp_start) * t / (ramp_frac * nominal)
-            b = max(granule, int(b) // granule * granule)
-        batches.append(int(b))
-        before.append(t)
-        t += int(b) * seq_len
+        batch = batch_size
+        if ramp_start is not None and ramp_frac > 0 and tokens < ramp_frac * nominal:
+            batch = ramp_start + (batch_size - ramp_start) * tokens / (ramp_frac * nominal)
+            batch = max(granule, int(batch) // granule * granule)
+        batches.append(int(batch))
+        before.append(tokens)
+        tokens += int(batch) * seq_len
     return Plan(batches, before, seq_len)
 
 
@@ -79,13 +79,13 @@ class Schedules:
         self.granule = world * (tcfg.micro_batch_size or 1)
         self.plan = make_plan(tcfg.steps, tcfg.batch_size, tcfg.seq_len, tcfg.batch_ramp_start,
                               tcfg.batch_ramp_frac, self.granule)
-        self.t, self.m = tcfg, mcfg
+        self.tcfg, self.mcfg = tcfg, mcfg
         self.world = world
 
     def lr(self, step: int) -> float:
-        t = self.t
-        return lr_at(self.plan.frac(step), t.lr, t.warmup_frac, t.constant_until, t.decay_until,
-                     t.decay_lr_ratio, t.tail_switch, t.tail_lr_ratio)
+        tcfg = self.tcfg
+        return lr_at(self.plan.frac(step), tcfg.lr, tcfg.warmup_frac, tcfg.constant_until, tcfg.decay_until,
+                     tcfg.decay_lr_ratio, tcfg.tail_switch, tcfg.tail_lr_ratio)
 
     def batch(self, step: int) -> int:
         return self.plan.batches[step]
@@ -93,15 +93,15 @@ class Schedules:
     def micro_batches(self, step: int) -> tuple[int, int]:
         """(micro-batch size per rank, accumulation steps) for this step."""
         per_rank = self.batch(step) // self.world
-        mb = min(self.t.micro_batch_size or per_rank, per_rank)
-        if per_rank % mb:
-            mb = math.gcd(per_rank, mb)
-        return mb, per_rank // mb
+        micro = min(self.tcfg.micro_batch_size or per_rank, per_rank)
+        if per_rank % micro:
+            micro = math.gcd(per_rank, micro)
+        return micro, per_rank // micro
 
     def mtp_weight(self, step: int) -> float:
-        late = self.plan.frac_before(step) >= self.t.mtp_switch_frac
-        return self.t.mtp_loss_weight_late if late else self.m.mtp_loss_weight
+        late = self.plan.frac_before(step) >= self.tcfg.mtp_switch_frac
+        return self.tcfg.mtp_loss_weight_late if late else self.mcfg.mtp_loss_weight
 
     def bias_gamma(self, step: int) -> float:
-        late = self.plan.frac_before(step) >= self.t.bias_switch_frac
-        return self.t.bias_update_speed_late if late else self.m.bias_update_speed
+        late = self.plan.frac_before(step) >= self.tcfg.bias_switch_frac
+        return self.tcfg.bias_update_speed_late if late else self.mcfg.bias_update_speed

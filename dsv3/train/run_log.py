@@ -1,0 +1,84 @@
+"""What a training run writes besides checkpoints: progress lines, `metrics.jsonl`, the final MLflow logging.
+
+Design choices
+- Rank 0 only. Progress lines go to stdout and to `<out_dir>/train.log`, which the Ray driver tails
+  (launcher.py), each prefixed with the stage (`[pretrain] ...`).
+- `metrics.jsonl` mirrors every step record and every validation record, one JSON object a line. On
+  resume it is truncated to the records up to the resumed step (so a resumed run's file equals an
+  uninterrupted run's); a fresh run starts it empty.
+- At the end (`log_final`): loss curves and the expert-load heatmap (layer × expert) as PNGs under
+  plots/, the checkpoint and model-dir tags, the latest checkpoint's files under checkpoints/ and the
+  final HF export registered as a model version (or logged as an artifact). All through dsv3.tracking.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def fmt_eta(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, stage: str, rank: int):
+        self.out_dir, self.stage, self.rank = out_dir, stage, rank
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.log_path: Path | None = None
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.log_path = out_dir / "train.log"
+
+    def say(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        line = f"[{self.stage}] {msg}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def restore(self, resume: bool, step: int) -> tuple[list[dict], list[dict]]:
+        """(step records, validation records) kept from an earlier run of this out_dir (rank 0)."""
+        if self.rank != 0:
+            return [], []
+        if self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines()
+            keep = [rec for rec in map(json.loads, filter(str.strip, lines)) if resume and rec["step"] <= step]
+            self.metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+            return [rec for rec in keep if "train/loss" in rec], [rec for rec in keep if "val/loss" in rec]
+        if not resume:
+            self.metrics_path.write_text("")
+        return [], []
+
+    def append(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def log_final(cfg, stage: str, result, history: list[dict], val_history: list[dict], load_total,
+              latest: Path | None, final_dir: Path) -> None:
+    """Plots, tags, checkpoint artifacts and the registered model of a finished run (rank 0, in its run)."""
+    from dsv3 import tracking
+
+    tcfg = cfg.train
+    if tcfg.plots:
+        from dsv3.train import plots
+
+        fig = plots.loss_curves(history, val_history)
+        tracking.log_figure(fig, "plots/loss_curves.png")
+        plots.close(fig)
+        if load_total.numel():
+            fig = plots.expert_load_heatmap(load_total.numpy(), f"{stage}: expert load / mean (layer x expert)")
+            tracking.log_figure(fig, "plots/expert_load_heatmap.png")
+            plots.close(fig)
+    tracking.set_tags({"checkpoint_uri": result.checkpoint, "model_dir": result.model_dir})
+    if latest is not None and tcfg.log_checkpoints:
+        for path in sorted(latest.iterdir()):
+            if path.name != "model":  # the model directory is logged once, by register_model
+                tracking.log_artifact(path, f"checkpoints/{latest.name}")
+    if result.model_dir and tcfg.register_model:
+        result.model_version = tracking.register_model(final_dir, cfg.tracking.registered_model)
+        tracking.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{result.model_version}"})
+    elif result.model_dir:
+        tracking.log_artifact(final_dir, "model")

@@ -1,0 +1,173 @@
+"""One training step, whatever the parallelism: the `TrainStep` protocol and its plain implementation.
+
+`train()` (loop.py) drives a `TrainStep` and never asks which layout it runs; dsv3/train/layout.py
+picks the implementation from `cfg.parallel`:
+- `PlainStep` (this file): one process, or every rank of a data-parallel group. Ranks build the same
+  model from the same seed, read disjoint slices of each global batch (data.py) and average
+  gradients with one flat all-reduce per optimizer step (dsv3.parallel.collectives). Not DDP:
+  MoE leaves different experts unused on different ranks and micro-batches (DDP would need
+  find_unused_parameters and per-step graph scans); the arithmetic is DDP's (sum / world), without
+  the backward overlap.
+- `ExpertStep` (expert_step.py, §3.2.2): the routed experts sharded over EP groups of the data ranks.
+- `PipelineStep` (pipeline_step.py, §3.2.1): the model split into stages over pipeline ranks
+  (DualPipe / DualPipeV / 1F1B), optionally with expert parallelism inside each stage position.
+
+The protocol (what the loop calls, in this order per step):
+    forward_backward(x, micro_batch, mtp_weight, poison) -> loss sums on this rank / pipeline
+    sync_grads(sums) -> sums averaged over the data-parallel replicas (gradients too)
+    clip_grad_norm(max_norm) -> the whole model's gradient norm (each parameter once)
+    evaluate(stream, batches, batch) -> (mean validation loss, bits per byte)
+    full_state(opt, ema) -> (whole model, optimizer, EMA) to save on rank 0 (a collective)
+    load(ckpt, opt, ema) -> state.json of a whole checkpoint, each rank keeping its part
+    step_metrics(log_due) / artifacts(out_dir): layout-specific metrics and plots (pipeline bubbles)
+plus `model` (this rank's DeepSeekV3, for the optimizer, EMA and bias update), `precision`,
+`n_params` (the whole model's) and `data_rank` / `data_world` (the batch slice this rank reads).
+Loss sums are float64 [loss, main, balance, mtp_1..mtp_D] (a step's mean over its micro-batches).
+
+Precision (§3.3) is one `Precision` object (precision.py): `build_model` converts the model (fp8:
+FP8 Linears, before any sharding or pipeline split) and every forward runs in its autocast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from dsv3.model.transformer import DeepSeekV3
+from dsv3.parallel import collectives
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.stream import PackedStream, bits_per_byte
+from dsv3.train.precision import Precision
+from dsv3.train.recompute import apply_recompute
+
+
+@runtime_checkable
+class TrainStep(Protocol):
+    model: nn.Module
+    precision: Precision
+    n_params: int
+    data_rank: int
+    data_world: int
+
+    def forward_backward(self, x: torch.Tensor, micro_batch: int, mtp_weight: float,
+                         poison: bool = False) -> torch.Tensor: ...
+
+    def sync_grads(self, sums: torch.Tensor) -> torch.Tensor: ...
+
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+
+    def evaluate(self, stream: PackedStream, batches: int, batch: int) -> tuple[float, float | None]: ...
+
+    def full_state(self, opt, ema=None) -> tuple: ...
+
+    def load(self, path: str | Path, opt=None, ema=None) -> dict: ...
+
+    def step_metrics(self, log_due: bool) -> dict: ...
+
+    def artifacts(self, out_dir: Path) -> list[Path]: ...
+
+
+def build_model(cfg, device: torch.device):
+    """The whole DeepSeekV3 of `cfg` on `device`: seeded init (every rank builds the same one), the
+    `train.init_from` weights, recomputation, then the precision's conversion (fp8 Linears)."""
+    tcfg = cfg.train
+    torch.manual_seed(tcfg.seed)
+    model = DeepSeekV3(cfg.model).to(device)
+    if tcfg.init_from:
+        from dsv3.tracking import resolve_model_uri
+
+        src = Path(resolve_model_uri(tcfg.init_from))
+        ckpt.load_model_weights(model, src / "model" if (src / "model" / "config.json").is_file() else src)
+    apply_recompute(model, tcfg.recompute)
+    return Precision.of(tcfg.precision).prepare(model)
+
+
+@torch.no_grad()
+def evaluate(model, stream: PackedStream, batches: int, batch: int, precision: Precision | str = "fp32",
+             rank: int = 0, world: int = 1, pad=None) -> tuple[float, float | None]:
+    """Mean next-token loss (nats) on fixed validation windows, and bits per byte.
+    `pad(batches, seq_len) -> [(x, counted)]` makes every rank run the same number of forwards
+    (an expert-parallel forward is a collective); uncounted batches add nothing."""
+    precision = Precision.of(precision)
+    was = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)  # [loss × tokens, tokens]
+    xs = list(stream.eval_batches(batches, batch, rank, world))
+    for x, counted in (pad(xs, stream.seq_len) if pad is not None else [(x, True) for x in xs]):
+        x = x.to(model.device)
+        with precision.autocast(model.device):
+            out = model(x, labels=x, return_mtp=False)
+        n = x.shape[0] * (x.shape[1] - 1) if counted else 0
+        totals += torch.tensor([out.main_loss.double().item() * n, n], dtype=torch.float64)
+    if world > 1:  # reduced on the model's device (NCCL reduces CUDA tensors only)
+        totals = collectives.all_reduce_sum(totals, device=model.device)
+    model.train(was)
+    loss = float(totals[0] / totals[1].clamp(min=1))
+    return loss, bits_per_byte(loss, stream.bytes_per_token)
+
+
+def loss_parts(out, n_mtp: int) -> torch.Tensor:
+    """[loss, main, balance, mtp_1..mtp_n] of one forward, float64 on the CPU (missing MTP depths: 0)."""
+    parts = [out.loss.detach(), out.main_loss.detach(), out.balance_loss.detach(),
+             *[m.detach() for m in out.mtp_losses]]
+    parts += [torch.zeros(())] * (3 + n_mtp - len(parts))
+    return torch.stack([p.double().cpu() for p in parts])
+
+
+class PlainStep:
+    """Single process or plain data parallelism over the world (see the module docstring)."""
+
+    part = None  # the sharded layout checkpoint.load hands the whole checkpoint to (None: the whole model)
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        self.precision = Precision.of(cfg.train.precision)
+        self.rank, self.world = collectives.world()
+        self.data_rank, self.data_world = self.rank, self.world
+        self.device = model.device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.n_params = sum(p.numel() for p in self.params)
+
+    def forward_backward(self, x: torch.Tensor, micro_batch: int, mtp_weight: float,
+                         poison: bool = False) -> torch.Tensor:
+        """Gradient accumulation over the micro-batches of this rank's rows `x` [B, S] (labels = x).
+        poison (train.debug_nan_steps): a bad batch, the loss times NaN."""
+        self.model.mtp_loss_weight = mtp_weight
+        accum = x.shape[0] // micro_batch
+        sums = torch.zeros(3 + self.cfg.model.num_nextn_predict_layers, dtype=torch.float64)
+        for i in range(accum):
+            xb = x[i * micro_batch:(i + 1) * micro_batch]
+            with self.precision.autocast(self.device):
+                out = self.model(xb, labels=xb)
+            if poison:
+                out.loss = out.loss * float("nan")
+            (out.loss / accum).backward()
+            sums += loss_parts(out, len(sums) - 3) / accum
+        return sums
+
+    def sync_grads(self, sums: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return sums
+        collectives.mean_grads_(self.params, self.world)
+        return collectives.all_reduce_mean(sums, self.world, device=self.device)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def evaluate(self, stream: PackedStream, batches: int, batch: int) -> tuple[float, float | None]:
+        return evaluate(self.model, stream, batches, batch, self.precision, self.rank, self.world)
+
+    def full_state(self, opt, ema=None) -> tuple:
+        return self.model, opt, ema
+
+    def load(self, path: str | Path, opt=None, ema=None) -> dict:
+        return ckpt.load(path, self.model, opt, ema, part=self.part)
+
+    def step_metrics(self, log_due: bool) -> dict:
+        return {}
+
+    def artifacts(self, out_dir: Path) -> list[Path]:
+        return []
