@@ -12,7 +12,7 @@ from dsv3.posttrain.config import DistillConfig, GRPOConfig, RewardConfig, SFTCo
 from dsv3.posttrain.grpo import arithmetic_task, train_grpo
 from dsv3.posttrain.rewards import (MathReward, ModelReward, RewardModel, pairwise_accuracy, preference_pairs,
                                     train_reward_model)
-from dsv3.posttrain.sft import encode_records, evaluate, make_batches, train_sft
+from dsv3.posttrain.sft import encode_records, make_batches, sft_val_loss, train_sft
 from dsv3.train.precision import Precision
 
 from .conftest import tiny_model
@@ -30,7 +30,7 @@ def _fp8_linears(model) -> int:
 def test_sft_trains_in_the_precision(tok, name):
     recs = arithmetic_task(40, seed=2, max_operand=4)
     cfg = SFTConfig(max_steps=2, epochs=1, batch_size=8, seq_len=64, warmup_steps=0)
-    before = {p: evaluate(Precision(p).prepare(tiny_model(tok)), _val(tok, recs[32:]), p) for p in ("fp32", name)}
+    before = {p: sft_val_loss(Precision(p).prepare(tiny_model(tok)), _val(tok, recs[32:]), p) for p in ("fp32", name)}
     assert before["fp32"] != before[name]
     model = tiny_model(tok)
     res = train_sft(model, tok, recs[:32], recs[32:], cfg, log=lambda *a: None, precision=name)
@@ -64,10 +64,10 @@ def test_grpo_and_distillation_convert_and_autocast(tok):
     from dsv3.posttrain.distill import distill_token
 
     student, teacher = tiny_model(tok, seed=7), tiny_model(tok, seed=8).eval()
-    want = evaluate(tiny_model(tok, seed=7), _val(tok, recs[16:]), "bf16")
+    want = sft_val_loss(tiny_model(tok, seed=7), _val(tok, recs[16:]), "bf16")
     res = distill_token(student, teacher, tok, recs[:16], recs[16:], DistillConfig(steps=1, batch_size=8),
                         log=lambda *a: None, seq_len=64, precision="bf16")
-    assert res["val/loss_before"] == want != evaluate(tiny_model(tok, seed=7), _val(tok, recs[16:]))
+    assert res["val/loss_before"] == want != sft_val_loss(tiny_model(tok, seed=7), _val(tok, recs[16:]))
     assert math.isfinite(res["val/loss"]) and _fp8_linears(student) == 0
     with torch.no_grad():
         assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 master weights

@@ -2,7 +2,7 @@ import torch
 
 from dsv3.data.chat import IGNORE
 from dsv3.posttrain.grpo import arithmetic_task
-from dsv3.posttrain.sft import encode_records, lr_at, make_batches
+from dsv3.posttrain.sft import encode_records, make_batches, sft_lr_at
 
 from .conftest import tiny_model
 
@@ -24,7 +24,7 @@ def test_batches_keep_one_sample_per_row_so_attention_never_crosses(tok):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    lrs = [sft_lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == 0.1 and abs(lrs[9] - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and abs(lrs[-1] - 0.1) < 1e-3
 
