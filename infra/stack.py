@@ -137,8 +137,9 @@ def ready_postgres(cfg: StackConfig, st: dict) -> None:
 
 
 def pg_uri(st: dict, db: str, driver: str = "postgresql") -> str:
-    s = st["secrets"]
-    return f"{driver}://{s['pg_user']}:{s['pg_password']}@{HOST}:{st['ports']['postgres']}/{db}"
+    """No password in the URI (it would show in `ps` and the logs): libpq (psycopg, MLflow) and
+    asyncpg (Prefect) read PGPASSWORD from the two servers' environments (only theirs)."""
+    return f"{driver}://{st['secrets']['pg_user']}@{HOST}:{st['ports']['postgres']}/{db}"
 
 
 def start_s3(cfg: StackConfig, st: dict) -> None:
@@ -197,12 +198,17 @@ def _ready_ray(cfg: StackConfig, st: dict, node: str) -> None:
           f"node with resource {key} ALIVE on the dashboard http://{HOST}:{st['ports']['head_dashboard']}")
 
 
+def mlflow_cmd(cfg: StackConfig, st: dict) -> list[str]:
+    """`mlflow server` as a team runs it (infra/docker-compose.mlflow.yml runs the same options)."""
+    port = st["ports"]["mlflow"]
+    return [str(BIN / "mlflow"), "server", "--backend-store-uri", pg_uri(st, "mlflow"), "--serve-artifacts",
+            "--artifacts-destination", f"s3://{cfg.buckets['mlflow']}/artifacts", "--host", HOST, "--port", str(port),
+            "--workers", "1", "--allowed-hosts", f"{HOST}:{port},localhost:{port}"]
+
+
 def start_mlflow(cfg: StackConfig, st: dict) -> None:
-    launch(cfg, st, "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", pg_uri(st, "mlflow"),
-                                "--serve-artifacts", "--artifacts-destination", f"s3://{cfg.buckets['mlflow']}/artifacts",
-                                "--host", HOST, "--port", str(st["ports"]["mlflow"]), "--workers", "1",
-                                "--allowed-hosts", f"{HOST}:{st['ports']['mlflow']},localhost:{st['ports']['mlflow']}"],
-            proc_env(cfg, st), cfg.state / "mlflow")
+    env = proc_env(cfg, st, {"PGPASSWORD": st["secrets"]["pg_password"]})
+    launch(cfg, st, "mlflow", mlflow_cmd(cfg, st), env, cfg.state / "mlflow")
 
 
 def ready_mlflow(cfg: StackConfig, st: dict) -> None:
@@ -213,7 +219,8 @@ def ready_mlflow(cfg: StackConfig, st: dict) -> None:
 def start_prefect_server(cfg: StackConfig, st: dict) -> None:
     env = proc_env(cfg, st, {"PREFECT_HOME": str(cfg.state / "prefect" / "server-home"),
                               "PREFECT_SERVER_DATABASE_CONNECTION_URL": pg_uri(st, "prefect", "postgresql+asyncpg"),
-                              "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, drop=("RAY_ADDRESS", "PREFECT_API_URL"))
+                              "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PGPASSWORD": st["secrets"]["pg_password"]},
+                   drop=("RAY_ADDRESS", "PREFECT_API_URL"))
     launch(cfg, st, "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", HOST,
                                         "--port", str(st["ports"]["prefect"])], env, cfg.state / "prefect" / "server")
 

@@ -87,6 +87,7 @@ def alive(rec: dict | None) -> bool:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
         try:
             s.bind((HOST, port))
             return True
@@ -161,12 +162,14 @@ def write_env(cfg: StackConfig, st: dict) -> None:
 
 def proc_env(cfg: StackConfig, st: dict, extra: dict | None = None, drop=("RAY_ADDRESS",)) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "RAY_AUTH"))
-           and k not in ("RAY_ADDRESS", "DSV3_STACK_ID")}
+           and k not in ("RAY_ADDRESS", "DSV3_STACK_ID", "PGPASSWORD")}
     env.update(user_env(cfg, st))
     for k in drop:
         env.pop(k, None)
     env.update(extra or {})
-    env.update(DSV3_STACK_ID=st["id"], PYTHONUNBUFFERED="1")
+    # the venv's bin first, as the image's PATH has it: `python` / `dsv3` in a Ray job's entrypoint,
+    # a flow run's subprocesses, ... are the project's
+    env.update(DSV3_STACK_ID=st["id"], PYTHONUNBUFFERED="1", PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]))
     return env
 
 
