@@ -113,7 +113,8 @@ def start_postgres(cfg: StackConfig, st: dict) -> None:
         (cfg.state / "logs").mkdir(parents=True, exist_ok=True)
         (cfg.state / "logs" / "initdb.log").write_text(r.stdout + r.stderr)
         if r.returncode:
-            raise StackError(f"stack: postgres: initdb failed (as user {user}); log: {cfg.state / 'logs' / 'initdb.log'}\n"
+            log = cfg.state / "logs" / "initdb.log"
+            raise StackError(f"stack: postgres: initdb failed (as user {user}); log: {log}\n"
                              f"{r.stderr[-2000:]}")
     launch(cfg, st, "postgres", [_pg_bin("postgres"), "-D", str(data), "-c", f"listen_addresses={HOST}",
                                   "-c", f"port={st['ports']['postgres']}", "-c", "unix_socket_directories=",
@@ -207,7 +208,8 @@ def mlflow_cmd(cfg: StackConfig, st: dict) -> list[str]:
 
 
 def start_mlflow(cfg: StackConfig, st: dict) -> None:
-    env = proc_env(cfg, st, {"PGPASSWORD": st["secrets"]["pg_password"]})
+    # MLflow's job runner (7 huey consumer processes for GenAI jobs dsv3 does not use) stays off
+    env = proc_env(cfg, st, {"PGPASSWORD": st["secrets"]["pg_password"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     launch(cfg, st, "mlflow", mlflow_cmd(cfg, st), env, cfg.state / "mlflow")
 
 
@@ -239,7 +241,8 @@ def start_prefect_worker(cfg: StackConfig, st: dict) -> None:
         r = subprocess.run([str(BIN / "prefect"), "work-pool", "create", cfg.pool, "--type", "process"], env=env,
                            capture_output=True, text=True, timeout=cfg.timeout)
         if r.returncode:
-            raise StackError(f"stack: prefect-worker: `prefect work-pool create {cfg.pool}` failed:\n{r.stdout}{r.stderr}")
+            raise StackError(f"stack: prefect-worker: `prefect work-pool create {cfg.pool}` failed:\n"
+                             f"{r.stdout}{r.stderr}")
     launch(cfg, st, "prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", cfg.pool, "--type", "process",
                                         "--name", f"dsv3-stack-{st['id']}", "--with-healthcheck"],
             env, cfg.state / "prefect" / "worker-work")
@@ -303,7 +306,8 @@ def down(cfg: StackConfig) -> list[str]:
         rec = st["procs"].get(name)
         if alive(rec):
             t = time.monotonic()
-            stop_part(rec, signal.SIGINT if name == "postgres" else signal.SIGTERM, 30, leader_first=name.startswith("ray"))
+            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: postgres' fast shutdown
+            stop_part(rec, sig, 30, leader_first=name.startswith("ray"))
             stopped.append(f"{name} ({time.monotonic() - t:.1f} s)")
         st["procs"].pop(name, None)
     left = marked_processes(st["id"])  # daemons outside the groups (Ray workers, flow runs)

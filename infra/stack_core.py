@@ -152,8 +152,9 @@ def write_env(cfg: StackConfig, st: dict) -> None:
     lines = ["# dsv3 server-mode stack (infra/stack.py); `source` this file to use it"]
     lines += [f"export {k}={v}" for k, v in env.items()]
     lines += ["# DVC remote (once per checkout):",
-              f"#   dvc remote add -d stack $DSV3_DVC_REMOTE && dvc remote modify stack endpointurl {env['AWS_ENDPOINT_URL']}",
-              f"# Ray dashboard: http://{HOST}:{st['ports']['head_dashboard']}  Prefect UI: http://{HOST}:{st['ports']['prefect']}"]
+              "#   dvc remote add -d stack $DSV3_DVC_REMOTE && dvc remote modify stack endpointurl $AWS_ENDPOINT_URL",
+              f"# Ray dashboard: http://{HOST}:{st['ports']['head_dashboard']}",
+              f"# Prefect UI:    http://{HOST}:{st['ports']['prefect']}"]
     (cfg.state / "env").write_text("\n".join(lines) + "\n")
     (cfg.state / "env.json").write_text(json.dumps(env, indent=1))
     os.chmod(cfg.state / "env", 0o600)

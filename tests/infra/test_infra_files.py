@@ -99,7 +99,8 @@ def test_compose_waits_on_health_and_creates_the_buckets():
     assert [a for a in cmd if a.startswith("--")] == [a for a in ours if a.startswith("--")]
     opt = lambda argv, k: argv[argv.index(k) + 1]  # noqa: E731
     assert opt(cmd, "--artifacts-destination") == opt(ours, "--artifacts-destination")
-    assert opt(cmd, "--backend-store-uri").startswith("postgresql://") and "@db:5432/mlflow" in cmd[3]
+    assert opt(cmd, "--backend-store-uri") == "postgresql://mlflow@db:5432/mlflow"  # password from PGPASSWORD
+    assert ml["environment"]["PGPASSWORD"] == svc["db"]["environment"]["POSTGRES_PASSWORD"]
     assert "mlflow:5000" in opt(cmd, "--allowed-hosts")
     assert "5000/health" in " ".join(ml["healthcheck"]["test"])
 
@@ -181,7 +182,9 @@ def test_commands_in_infra_docs_exist():
             assert find_spec(mod) is not None, (md.name, mod)
         for sub in re.findall(r"(?m)(?:^\s*|-- |\$ )dsv3 ([a-z][a-z-]*)", code):
             assert sub in subcommands, (md.name, sub)
-        for path in re.findall(r"\b((?:infra|configs|flows|dsv3)/[\w./-]+\.(?:py|ya?ml|json|sh|md|txt))", code):
+        paths = re.findall(r"(?<![\w/.-])((?:infra|configs|flows|dsv3|tests)/[\w./-]+"
+                           r"\.(?:py|ya?ml|json|sh|md|txt))", code)
+        for path in paths:
             assert (REPO / path).exists(), (md.name, path)
 
 

@@ -139,6 +139,20 @@ def test_prefect_deployment_runs_on_the_process_pool_worker(stack, tmp_path):
     assert out["metrics"] == [{"x_plus_one": 21.0}]
 
 
+def test_prefect_server_accepts_the_k8s_work_pool_template(stack):
+    env = {**os.environ, **stack["env"]}
+    tmpl = REPO / "infra" / "k8s" / "prefect-k8s-work-pool.json"
+    r = subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "dsv3-k8s", "--type",
+                        "kubernetes", "--base-job-template", str(tmpl)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import urllib.request
+
+    with urllib.request.urlopen(f"{stack['env']['PREFECT_API_URL']}/work_pools/dsv3-k8s", timeout=10) as resp:
+        pool = json.loads(resp.read())
+    assert pool["type"] == "kubernetes" and pool["base_job_template"] == json.loads(tmpl.read_text())
+
+
 def test_ray_task_on_each_node_with_its_own_working_dir(stack, tmp_path):
     out = _py("""
         import json, os, ray
@@ -158,6 +172,20 @@ def test_ray_task_on_each_node_with_its_own_working_dir(stack, tmp_path):
     assert head_id != node2_id
     ray_dir = (stack["state"] / "ray").resolve()
     assert Path(head_cwd) == ray_dir / "head-work" and Path(node2_cwd) == ray_dir / "node2-work"
+    # the job-submission API (what `ray job submit` and KubeRay's RayJob use), with the stack's token
+    dash = f"http://127.0.0.1:{stack['st']['ports']['head_dashboard']}"
+    job = _py(f"""
+        import json, time
+        from ray.job_submission import JobSubmissionClient, JobStatus
+        c = JobSubmissionClient({dash!r})
+        code = "import ray; ray.init(); print('alive', sum(n['Alive'] for n in ray.nodes()))"
+        jid = c.submit_job(entrypoint="python -c " + json.dumps(code))
+        t, done = time.time(), (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+        while c.get_job_status(jid) not in done and time.time() - t < 120:
+            time.sleep(1)
+        print(json.dumps({{"status": str(c.get_job_status(jid)), "logs": c.get_job_logs(jid)}}))
+    """, stack["env"], tmp_path)
+    assert job["status"].endswith("SUCCEEDED") and "alive 2" in job["logs"], job
 
 
 def test_dvc_push_to_the_stack_remote(stack, tmp_path):
