@@ -31,6 +31,8 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -176,7 +178,8 @@ def _start_ray(cfg: StackConfig, st: dict, node: str) -> None:
            "--dashboard-agent-listen-port", p["agent_http"], "--dashboard-agent-grpc-port", p["agent_grpc"],
            "--runtime-env-agent-port", p["runtime_env_agent"], "--metrics-export-port", p["metrics"]]
     if node == "head":
-        cmd += ["--head", "--port", p["gcs"], "--dashboard-host", HOST, "--dashboard-port", p["dashboard"]]
+        cmd += ["--head", "--port", p["gcs"], "--dashboard-host", HOST, "--dashboard-port", p["dashboard"],
+                "--ray-client-server-port", p["client"]]
     else:
         cmd += ["--address", f"{HOST}:{st['ports']['head_gcs']}"]
     # each node has its own working dir: Ray workers start there (no shared filesystem)
@@ -265,7 +268,30 @@ PART_FNS = {
 
 
 # ----------------------------------------------------------------------------------- commands
+@contextlib.contextmanager
+def _locked(cfg: StackConfig):
+    """One `up` / `down` at a time per state dir (a second waits, then finds the parts healthy)."""
+    cfg.state.mkdir(parents=True, exist_ok=True)
+    with open(cfg.state / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+MAIN_PORT = {"postgres": "postgres", "s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect",
+             "prefect-worker": "worker_health", "ray-head": "head_gcs", "ray-node2": "node2_node_manager"}
+
+
+def _stop_named(name: str, rec: dict | None) -> None:
+    sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: postgres' fast shutdown
+    stop_part(rec, sig, 30, leader_first=name.startswith("ray"))  # `ray start --block` stops its own
+
+
 def up(cfg: StackConfig) -> dict:
+    with _locked(cfg):
+        return _up(cfg)
+
+
+def _up(cfg: StackConfig) -> dict:
     t0 = time.monotonic()
     cfg.state.mkdir(parents=True, exist_ok=True)
     st = load_state(cfg)
@@ -288,8 +314,7 @@ def up(cfg: StackConfig) -> dict:
                 print(f"stack: {name:15s} ok  ({time.monotonic() - t0:5.1f} s)", flush=True)
     except BaseException:
         for name in reversed(started):  # leave nothing half-up that this call started
-            stop_part(st["procs"].get(name), signal.SIGTERM, 20)
-            st["procs"].pop(name, None)
+            _stop_named(name, st["procs"].pop(name, None))
         save_state(cfg, st)
         raise
     print(f"stack: up in {time.monotonic() - t0:.1f} s; `source {cfg.state}/env` to use it")
@@ -300,17 +325,22 @@ def down(cfg: StackConfig) -> list[str]:
     if not (cfg.state / "state.json").exists():
         print("stack: nothing to stop (no state)")
         return []
+    with _locked(cfg):
+        return _down(cfg)
+
+
+def _down(cfg: StackConfig) -> list[str]:
     st = load_state(cfg)
     stopped = []
     for name in reversed(PARTS):
         rec = st["procs"].get(name)
         if alive(rec):
             t = time.monotonic()
-            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM  # SIGINT: postgres' fast shutdown
-            stop_part(rec, sig, 30, leader_first=name.startswith("ray"))
+            _stop_named(name, rec)
             stopped.append(f"{name} ({time.monotonic() - t:.1f} s)")
         st["procs"].pop(name, None)
-    left = marked_processes(st["id"])  # daemons outside the groups (Ray workers, flow runs)
+    me = {os.getpid()} | {p.pid for p in psutil.Process().parents()}  # a flow run may call `down`
+    left = [p for p in marked_processes(st["id"]) if p.pid not in me]  # outside the groups: Ray workers, ...
     for p in left:
         p.terminate()
     _, still = psutil.wait_procs(left, timeout=10)
@@ -338,7 +368,8 @@ def status(cfg: StackConfig) -> bool:
                 pass
         ok &= healthy
         state = "healthy" if healthy else ("UNHEALTHY" if alive(rec) else "down")
-        print(f"{name:15s} {state:9s} pid={rec['pid'] if rec else '-'}  log={cfg.state / 'logs' / (name + '.log')}")
+        pid, port = rec["pid"] if rec else "-", st["ports"].get(MAIN_PORT[name], "-")
+        print(f"{name:15s} {state:9s} pid={pid:<7} port={port:<6} log={cfg.state / 'logs' / (name + '.log')}")
     return ok
 
 
@@ -346,12 +377,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["up", "down", "status", "env"])
     ap.add_argument("--state", default=os.environ.get("DSV3_STACK_DIR", str(REPO / ".stack")))
-    ap.add_argument("--ray-cpus", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs per Ray node (default 2)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds to wait on each health check")
     a = ap.parse_args(argv)
-    cfg = StackConfig(state=Path(a.state).resolve(), ray_cpus=a.ray_cpus)
-    if a.timeout:
-        cfg.timeout = a.timeout
+    cfg = StackConfig(state=Path(a.state).resolve())
+    cfg.ray_cpus = a.ray_cpus or cfg.ray_cpus
+    cfg.timeout = a.timeout or cfg.timeout
     try:
         if a.command == "up":
             up(cfg)

@@ -33,10 +33,10 @@ HOST = "127.0.0.1"
 WAVES = (("postgres", "s3", "ray-head"), ("mlflow", "prefect-server", "ray-node2"), ("prefect-worker",))
 PARTS = tuple(p for w in WAVES for p in w)
 BUCKETS = {"mlflow": "dsv3-mlflow", "dvc": "dsv3-dvc", "checkpoints": "dsv3-checkpoints"}
-RAY_PORTS = ("gcs", "dashboard", "node_manager", "object_manager", "agent_http", "agent_grpc",
-             "runtime_env_agent", "metrics")
+RAY_PORTS = ("gcs", "dashboard", "client", "node_manager", "object_manager", "agent_http", "agent_grpc",
+             "runtime_env_agent", "metrics")  # all chosen: Ray's defaults (6379, 10001, 52365) collide
 PORTS = ["postgres", "s3", "mlflow", "prefect", "worker_health"] + [f"head_{p}" for p in RAY_PORTS] + \
-    [f"node2_{p}" for p in RAY_PORTS if p not in ("gcs", "dashboard")]
+    [f"node2_{p}" for p in RAY_PORTS if p not in ("gcs", "dashboard", "client")]
 
 
 class StackError(RuntimeError):

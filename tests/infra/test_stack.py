@@ -61,6 +61,29 @@ def test_up_is_idempotent_and_status_healthy(stack):
     assert s.returncode == 0 and s.stdout.count("healthy") == 7, s.stdout + s.stderr
 
 
+def test_everything_but_rays_grpc_listens_on_loopback_only(stack):
+    sys.path.insert(0, str(REPO / "infra"))
+    import stack as stack_mod
+
+    wide, ray_wide = [], []
+    for p in stack_mod.marked_processes(stack["st"]["id"]):
+        try:
+            socks = [c.laddr for c in p.net_connections("tcp") if c.status == "LISTEN"]
+            name = " ".join(p.cmdline()) or p.name()
+        except Exception:  # exited meanwhile
+            continue
+        for addr in socks:
+            if addr.ip not in ("127.0.0.1", "::1"):
+                is_ray = "/ray/" in name or name.startswith("ray::") or " -m ray." in name
+                (ray_wide if is_ray else wide).append((name[:80], addr))
+    assert wide == [], wide  # PostgreSQL, S3, MLflow, Prefect server + worker, Ray's dashboard
+    listening = {a.port for p in stack_mod.marked_processes(stack["st"]["id"])
+                 for a in [c.laddr for c in p.net_connections("tcp") if c.status == "LISTEN"]}
+    ports = stack["st"]["ports"]
+    for k in ("postgres", "s3", "mlflow", "prefect", "worker_health", "head_dashboard", "head_gcs"):
+        assert ports[k] in listening, k
+
+
 def test_mlflow_run_artifact_lands_in_s3_and_metric_in_postgres(stack, tmp_path):
     env, payload = stack["env"], f"stack artifact {uuid.uuid4()}"
     out = _py(f"""
