@@ -12,7 +12,8 @@ CONFIG ?= configs/pretrain_small.yaml
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean \
+	stack-up stack-down stack-status stack-env
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +59,19 @@ mlflow-ui: $(STAMP) ## open the MLflow UI on the local store
 
 prefect-ui: $(STAMP) ## start a local Prefect server with its UI
 	$(BIN)/prefect server start
+
+STACK_DIR ?= .stack
+stack-up: sysdeps $(STAMP) ## start the server-mode stack (PostgreSQL, S3, MLflow, Prefect, 2 Ray nodes) in .stack/
+	$(BIN)/python infra/stack.py up --state $(STACK_DIR)
+
+stack-down: ## stop what stack-up started (keeps .stack/: logs, database)
+	$(BIN)/python infra/stack.py down --state $(STACK_DIR)
+
+stack-status: ## health of each stack part
+	$(BIN)/python infra/stack.py status --state $(STACK_DIR)
+
+stack-env: ## print the exports that point dsv3 at the stack (or: source .stack/env)
+	@$(BIN)/python infra/stack.py env --state $(STACK_DIR)
 
 clean: ## remove caches (keeps .venv, data and runs)
 	rm -rf .pytest_cache **/__pycache__
