@@ -58,8 +58,9 @@ def up(port: int, pool: str, state: Path, repo: Path, server_timeout: float = 24
         if "127.0.0.1" not in api and "localhost" not in api:
             raise RuntimeError(f"PREFECT_API_URL={api} does not answer, and is not a local server to start")
         print(f"starting a Prefect server on 127.0.0.1:{port} (log {state / 'server.log'})")
+        ui = {"PREFECT_UI_API_URL": api, "PREFECT_SERVER_UI_API_URL": api}  # the UI calls this server's API
         start_detached([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                       state / "server.log", state / "server.pid", env=env, cwd=repo)
+                       state / "server.log", state / "server.pid", env={**env, **ui}, cwd=repo)
         wait_until_up(f"{api}/health", server_timeout, log=state / "server.log", what="prefect server")
     if prefect("work-pool", "inspect", pool, env=env, check=False).returncode:
         prefect("work-pool", "create", pool, "--type", "process", env=env)

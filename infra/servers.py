@@ -1,7 +1,8 @@
 """Local loopback servers for `make deploy` and `make screenshots`: free ports, bounded starts,
 stops by process group id (only the processes these helpers started).
 
-`serving(cmd, url)` is a context manager (start, wait until `url` answers, always stop);
+`serving(cmd, url)` / `serving_all(specs)` are context managers (start, wait until each `url`
+answers, always stop);
 `start_detached` / `stop_pidfile` keep a server or worker running between `make` calls, with a
 pid file and a log under the state dir (`make deploy-down` stops them).
 """
@@ -77,17 +78,29 @@ def stop_group(pid: int, grace: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
+def serving_all(specs: list[dict], timeout: float = 180.0) -> Iterator[list[subprocess.Popen]]:
+    """Start every server of `specs` ({cmd, url, log, env?, cwd?, what?}) at once, each in its own
+    session; each `url` must answer within `timeout` s; all are stopped when the block ends."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for sp in specs:
+            procs.append(_spawn(sp["cmd"], sp["log"], sp.get("env"), sp.get("cwd")))
+        for sp, proc in zip(specs, procs):
+            wait_until_up(sp["url"], timeout, proc, sp["log"], sp.get("what", "server"))
+        yield procs
+    finally:
+        for proc in procs:
+            stop_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
 def serving(cmd: list[str], url: str, log: Path, env: dict | None = None, timeout: float = 180.0,
             cwd: str | Path | None = None, what: str = "server") -> Iterator[subprocess.Popen]:
     """Run `cmd` in its own session until the block ends; `url` must answer within `timeout` s."""
-    proc = _spawn(cmd, log, env, cwd)
-    try:
-        wait_until_up(url, timeout, proc, log, what)
-        yield proc
-    finally:
-        stop_group(proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+    with serving_all([{"cmd": cmd, "url": url, "log": log, "env": env, "cwd": cwd, "what": what}], timeout) as procs:
+        yield procs[0]
 
 
 def start_detached(cmd: list[str], log: Path, pidfile: Path, env: dict | None = None,
