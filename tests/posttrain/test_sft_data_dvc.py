@@ -79,6 +79,7 @@ def _repo(tmp_path):
     return r
 
 
+@pytest.mark.slow
 def test_repro_sft_data_keeps_dvc_lock_fresh_and_matches_stage_data(tmp_path, monkeypatch):
     """What the post-training flow calls: the SFT data through `dvc repro sft_data` (dvc.lock
     fresh), the same records `stages.stage_data` writes, an MLflow run with the DVC md5."""
