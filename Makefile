@@ -12,8 +12,8 @@ CONFIG ?= configs/pretrain_small.yaml
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean \
-	stack-up stack-down stack-status stack-env
+.PHONY: help sysdeps install test test-fast pretrain data eval eval-data eval-data-ready posttrain bench mlflow-ui \
+	prefect-ui deploy deploy-down screenshots clean stack-up stack-down stack-status stack-env
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,16 +36,21 @@ test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-data: $(STAMP) ## curate the built-in corpus with DVC (dvc repro) and validate it
+data: $(STAMP) eval-data-ready ## curate the built-in corpus with DVC (dvc repro) and validate it
 	$(BIN)/python -m flows.data
 
-pretrain: $(STAMP) ## data -> pretrain (small preset) -> context extension, tracked in MLflow
+pretrain: $(STAMP) eval-data-ready ## data -> pretrain (small preset) -> context extension, tracked in MLflow
 	$(BIN)/python -m flows.pretrain --config $(CONFIG)
 
-eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data
+eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data (again)
 	$(BIN)/python -m dsv3.evals.offline_data
 
-eval: $(STAMP) ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
+# data/evals (or $DSV3_EVAL_DATA) prepared when missing, a no-op otherwise: the eval sets that
+# `make eval` scores and that the curate stage decontaminates against (data.decontam.paths)
+eval-data-ready: $(STAMP)
+	@$(BIN)/python -m dsv3.evals.offline_data --if-missing
+
+eval: $(STAMP) eval-data-ready ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
 	$(BIN)/python -m flows.evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(LIMIT),--limit $(LIMIT))
 
 posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
@@ -72,6 +77,16 @@ stack-status: ## health of each stack part
 
 stack-env: ## print the exports that point dsv3 at the stack (or: source .stack/env)
 	@$(BIN)/python infra/stack.py env --state $(STACK_DIR)
+
+PREFECT_PORT ?= 4200
+deploy: $(STAMP) ## Prefect deployments (prefect.yaml) on a local server + a process worker; stop: make deploy-down
+	$(BIN)/python infra/deploy.py up --port $(PREFECT_PORT)
+
+deploy-down: ## stop the worker and the Prefect server that `make deploy` started
+	$(BIN)/python infra/deploy.py down
+
+screenshots: sysdeps $(STAMP) ## PNGs of the MLflow compare/registry pages and the Prefect flow-run graph -> docs/img/
+	$(BIN)/python infra/screenshots.py --out docs/img
 
 clean: ## remove caches (keeps .venv, data and runs)
 	rm -rf .pytest_cache **/__pycache__
