@@ -17,8 +17,8 @@ optimizer state (2 fp32 moments per parameter: twice the weights). `Zero1` keeps
   `load_state_dict(whole)` keeps this rank's entries of a whole state_dict (every rank reads the
   checkpoint), so resume works across layouts (zero1 on or off, any number of ranks).
 - `state_dict()` raises: this rank alone holds a part, which must not be saved as if whole.
-`param_groups` are the inner optimizer's (so the loop's `set_lr` reaches it); `zero_grad` clears every
-parameter's gradient.
+`param_groups` are the inner optimizer's, read through a property (torch's load_state_dict replaces the
+list; the loop's `set_lr` must reach the new one); `zero_grad` clears every parameter's gradient.
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ class Zero1:
             self.group_sizes.append(n)
             start += n
         self.inner = make(local_groups)
-        self.param_groups = self.inner.param_groups
         self.shard_numel = [sum(p.numel() for p, r in zip(self.params, self.owner) if r == k)
                             for k in range(self.world)]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups  # a property: torch's load_state_dict replaces the list
 
     @torch.no_grad()
     def step(self, closure=None):
