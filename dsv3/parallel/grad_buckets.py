@@ -126,11 +126,9 @@ class GradBuckets:
             start = time.perf_counter()
             work.wait()
             waited += time.perf_counter() - start
-            if self.divisor != 1:
-                flat /= self.divisor
             grads = [p.grad for p in self.buckets[b]]
             for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(reduced)
+                torch.div(reduced, self.divisor, out=grad)  # the division and the copy back in one pass
         self.last = {"buckets": len(self.buckets), "launched_in_backward": early,
                      "unused": len(self.unused), "marked_at_finish": unmarked, "wait_s": waited}
         self.armed = False
