@@ -6,9 +6,11 @@ picks the implementation from `cfg.parallel`:
   model from the same seed, read disjoint slices of each global batch (data.py) and average
   gradients (sum / world, DDP's arithmetic) in buckets all-reduced while the last micro-batch's
   backward runs (dsv3.parallel.grad_buckets, `parallel.bucket_mb`; 0: one flat all-reduce after
-  backward, dsv3.parallel.collectives). Not DDP itself: MoE leaves different experts unused on
-  different ranks and micro-batches (DDP would need find_unused_parameters and per-step graph
-  scans); the buckets reduce a zero gradient for them at sync time instead. `parallel.zero1` shards
+  backward, dsv3.parallel.collectives). DDP's scheme, not the DDP wrapper: the loop drives the bare
+  model (MTP weight, expert loads, bias update, EMA, checkpoints) and the sum-then-divide arithmetic
+  stays the flat path's. MoE leaves different experts unused on different ranks and micro-batches:
+  as with DDP's find_unused_parameters, a walk of the last micro-batch's autograd graph marks them
+  ready with zero gradients, so every rank launches the same buckets in the same order. `parallel.zero1` shards
   the AdamW state over the ranks (dsv3.parallel.zero, built by optim.make_optimizer); `full_state`
   gathers it to rank 0 in the unsharded format.
 - `ExpertStep` (expert_step.py, §3.2.2): the routed experts sharded over EP groups of the data ranks.
