@@ -144,6 +144,8 @@ def _worker(rank, world, args, out):
         res = {m: _merge([r[m] for r in every]) for m in args.modes}
         res["comm_alone_s"] = _comm_alone(n_grad)
         res["grad_mb"] = n_grad * 4 / 2 ** 20
+        if modes.zero1 is not None:  # AdamW moments (2 fp32 per parameter) each rank keeps
+            res["zero1_state_mb"] = [2 * n * 4 / 2 ** 20 for n in modes.zero1.shard_numel]
         results.append(res)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
@@ -174,6 +176,9 @@ def main() -> None:
         flat = res.get("flat")
         print(f"round {rnd + 1}: gradients {res['grad_mb']:.0f} MB, "
               f"comm alone (flat all-reduce, ranks idle) {res['comm_alone_s']:.3f} s")
+        if "zero1_state_mb" in res:
+            print(f"  AdamW state per rank: {2 * res['grad_mb']:.0f} MB unsharded, zero1 "
+                  + " / ".join(f"{x:.0f}" for x in res["zero1_state_mb"]) + " MB")
         print(f"  {'mode':8s} {'step s':>8s} {'fb s':>8s} {'exposed':>8s} {'wait s':>8s} {'imbal s':>8s} "
               f"{'buckets':>8s} {'early':>6s} {'hidden s':>9s} {'vs flat':>8s}")
         for mode in args.modes:
