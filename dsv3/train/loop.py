@@ -137,7 +137,7 @@ class Trainer:
         self.step = build_step(cfg, self.device)  # shards / frees in place: before the optimizer and EMA
         self.model = self.step.model
         self.model.train()
-        self.opt = make_optimizer(self.model, tcfg)
+        self.opt = make_optimizer(self.model, tcfg, zero1=cfg.parallel.zero1)
         self.ema = CpuEMA(self.model, tcfg.ema_decay) if tcfg.ema else None
         self.sched = Schedules(tcfg, cfg.model, self.step.data_world)
         self.shards = shard_dir(cfg)
