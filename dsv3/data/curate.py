@@ -268,7 +268,7 @@ def _pass2(cfg: DataConfig, work: Path, cur: Path, first: np.ndarray, root: np.n
     kept = split["train"] + split["val"]
     if not split["val"] and cfg.split.val_fraction > 0 and kept > 1:  # never an empty val split
         _move_to_val(cur, best[1])
-        split.update(train=split["train"] - 1, val=1)
+        split["train"], split["val"] = split["train"] - 1, 1
     buckets["kept"] = kept
     with open(cur / "removed.jsonl", "wb") as f:
         for i in range(len(names) + 1):
