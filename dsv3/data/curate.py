@@ -23,7 +23,8 @@ their source location to `quarantine.jsonl`, removed documents (id + bucket, no 
 `removed.jsonl` (per-document drops, then exact, near, decontaminated, each in input order);
 `stats.json` asserts input == sum(buckets) and records the streaming figures under "stream".
 The tokenizer streams train.jsonl through `tokenizers`' iterator API; the shards stage reads
-`SHARD_BATCH` documents at a time and appends them to the shard files (`ShardWriter`).
+`SHARD_BATCH` documents (at most about `SHARD_BATCH_BYTES` of text) at a time, tokenizes them
+(`encode_batch_fast`: ids only) and appends them to the shard files (`ShardWriter`).
 Layout under OUT: curated/{train,val,quarantine,removed}.jsonl, stats.json,
 tokenizer/, tokenizer_stats.json, shards/{index.json,train.bin,val.bin}, shards_stats.json.
 """
@@ -51,7 +52,8 @@ from dsv3.data.quality import quality
 from dsv3.data.sources import iter_sources
 
 PER_DOC_STAGES = ("normalize", "quality", "pii")
-SHARD_BATCH = 256  # documents tokenized and appended to the shards at a time
+SHARD_BATCH = 256  # documents tokenized and appended to the shards at a time, at most
+SHARD_BATCH_BYTES = 1 << 20  # ... and at most about this much text (a batch's encodings are ~100x its ids)
 
 
 class AccountingError(RuntimeError):
@@ -314,15 +316,23 @@ def tokenizer_stage(cfg: DataConfig, out: str | Path) -> dict:
     return stats
 
 
-def _chunks(it: Iterator, n: int) -> Iterator[list]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) >= n:
+def _chunks(docs: Iterator[dict], n: int, max_bytes: int) -> Iterator[list[dict]]:
+    """Consecutive documents, at most `n` and about `max_bytes` of text (n_bytes) per chunk."""
+    buf, size = [], 0
+    for d in docs:
+        buf.append(d)
+        size += d["n_bytes"]
+        if len(buf) >= n or size >= max_bytes:
             yield buf
-            buf = []
+            buf, size = [], 0
     if buf:
         yield buf
+
+
+def _framed(ids: list[int], bos: int, eos: int) -> np.ndarray:
+    a = np.empty(len(ids) + 2, dtype=np.int64)
+    a[0], a[1:-1], a[-1] = bos, ids, eos
+    return a
 
 
 def shards_stage(cfg: DataConfig, out: str | Path) -> dict:
@@ -342,14 +352,14 @@ def shards_stage(cfg: DataConfig, out: str | Path) -> dict:
         n_fim = n_bytes = 0
         rate = cfg.fim.rate if split == "train" else 0.0
         with ShardWriter(sd, split, vocab) as w:
-            for docs in _chunks(iter_split(out, split), SHARD_BATCH):
+            for docs in _chunks(iter_split(out, split), SHARD_BATCH, SHARD_BATCH_BYTES):
                 texts = []
                 for d in docs:
                     t, applied = maybe_fim(d["text"], d["hash"], rate, cfg.fim.seed)
                     texts.append(t)
                     n_fim += applied
                     n_bytes += d["n_bytes"]
-                w.extend([bos, *e.ids, eos] for e in tok.encode_batch(texts, add_special_tokens=False))
+                w.extend(_framed(e.ids, bos, eos) for e in tok.encode_batch_fast(texts, add_special_tokens=False))
             entry = w.close(n_bytes=n_bytes)
         stats[split] = {"docs": entry["n_docs"], "tokens": entry["n_tokens"], "bytes": n_bytes, "fim_docs": n_fim,
                         "sequences": entry["n_tokens"] // (cfg.seq_len + 1),
