@@ -7,9 +7,10 @@
    splices (first half of this file + second half of another: new documents, no new words).
    Each stage runs in a fresh process through the same functions as `dvc repro` (curate,
    tokenizer, shards; the in-memory reference dsv3.data.reference for curate and shards), and
-   reports its peak RSS (getrusage of that process: the driver) and documents/s; with `--workers`
+   reports its peak RSS (VmHWM of that process: the driver) and documents/s; with `--workers`
    the streaming curate also runs on a local Ray cluster and reports the workers' peak RSS
-   (getrusage inside the tasks) separately. Acceptance: the streaming driver's peak RSS stays
+   (measured inside the tasks) separately, and how much of the driver's RSS is Ray's shared
+   object-store pages (results it fetched) rather than its own memory. Acceptance: the streaming driver's peak RSS stays
    within 1.3x while the corpus grows 8x. The machine is shared (up to 9 sessions on 2 cores),
    so the throughput figures are noisy; RSS is the acceptance figure.
 2. Near dedup alone (MinHash signatures + LSH + clustering, 14 bands x 8 rows, 5-gram
@@ -97,7 +98,8 @@ def child(a) -> None:
 
         ray_shutdown()
     docs = st["input"] if a.stage == "curate" else st.get("train_docs") or st["train"]["docs"] + st["val"]["docs"]
-    print(json.dumps({"rss_mb": curate.peak_rss_mb(), "seconds": secs, "docs": docs,
+    now = {x.split(":")[0]: int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("Rss")}
+    print(json.dumps({"rss_mb": curate.peak_rss_mb(), "seconds": secs, "docs": docs, "now_mb": now,
                       "worker_rss_mb": st.get("stream", {}).get("worker_peak_rss_mb"),
                       "buckets": st.get("buckets")}))
 
@@ -136,7 +138,9 @@ def bench_memory(a, root: Path, x1: Path, x8: Path) -> None:
         print(f"  streaming curate on Ray, {a.workers} workers (Ray start-up excluded):")
         for size, src in (("1x", x1), ("8x", x8)):
             r = run_stage("stream", "curate", src, root / f"out-ray-{size}", a.workers)
-            print(f"    {size}: driver peak RSS {r['rss_mb']:.0f}M, worker peak RSS {r['worker_rss_mb']:.0f}M, "
+            now = r["now_mb"]
+            print(f"    {size}: driver peak RSS {r['rss_mb']:.0f}M (at the end: {now['RssAnon']:.0f}M private, "
+                  f"{now['RssShmem']:.0f}M Ray object-store pages), worker peak RSS {r['worker_rss_mb']:.0f}M, "
                   f"{r['docs'] / r['seconds']:.1f} docs/s")
 
 

@@ -61,7 +61,13 @@ class AccountingError(RuntimeError):
 
 
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident set (MiB): VmHWM of its own address space on Linux (getrusage's
+    ru_maxrss would also carry the parent's peak across fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024, 1)
+    except (OSError, StopIteration):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def process_batch(task: tuple[list[dict], DataConfig]) -> tuple[list[dict], list[dict], dict, list]:
