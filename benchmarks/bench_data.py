@@ -93,12 +93,12 @@ def child(a) -> None:
     t = time.perf_counter()
     st = fn(cfg, a.out, mapper) if mapper else fn(cfg, a.out)
     secs = time.perf_counter() - t
+    now = {x.split(":")[0]: int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("Rss")}
     if a.workers:
         from dsv3.cluster import ray_shutdown
 
         ray_shutdown()
     docs = st["input"] if a.stage == "curate" else st.get("train_docs") or st["train"]["docs"] + st["val"]["docs"]
-    now = {x.split(":")[0]: int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("Rss")}
     print(json.dumps({"rss_mb": curate.peak_rss_mb(), "seconds": secs, "docs": docs, "now_mb": now,
                       "worker_rss_mb": st.get("stream", {}).get("worker_peak_rss_mb"),
                       "buckets": st.get("buckets")}))
