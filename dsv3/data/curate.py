@@ -5,7 +5,8 @@
 
 Three DVC stages (`curate`, `tokenizer`, `shards`) are the three functions below; the CLI
 `dsv3 data curate` runs all three. No stage holds the corpus: memory is bounded by a batch
-(`batch_size` documents) times the tasks in flight, plus O(1) bytes of flags per document.
+(`batch_size` documents) times the tasks in flight, the spill buffers and one shuffle task's
+records (dsv3.data.dedup), plus a few numbers per document (~40 bytes: dedup results, flags).
 - curate, pass 1: the sources stream by in batches; `map_batch` (normalize, quality, PII,
   content hash, MinHash signature, decontamination flag, split) runs in-process or as Ray tasks
   (`workers > 0` or `ray_address`; `ray_imap`, 2 tasks per worker in flight, results in input

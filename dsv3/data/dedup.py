@@ -24,7 +24,7 @@ at most `TASK_BYTES` of records:
   buckets, members in input order). Confirming needs whole signatures: the driver reads just
   the members' rows from the signature file (`read_rows`, positional reads) and a second task
   runs `confirm_edges` on them (`confirm_runs`). Edges go into a union-find over doc seqs
-  (`DisjointSet`, 8 bytes per document: the only per-document state besides flags).
+  (`DisjointSet`, one int64 per document).
 Grouping by the whole band key and confirming with the same rule give the same edges as
 `near_dedup`, hence the same clusters and statistics; tasks are pure (arrays in, arrays out),
 so they run in-process or as Ray tasks without a shared filesystem.
