@@ -4,9 +4,9 @@
 non-empty text within the size bound, no remaining PII patterns (private-key blocks, AWS
 key ids, e-mails: `pii.RESIDUAL_PATTERNS`), unique content hashes, quality_score in [0, 1],
 split in {train, val}, kind in {text, code}.
-`token_shards` (one row per document, both splits): every token id below vocab_size,
-each document framed by BOS ... EOS; plus one row per split comparing the token count
-of the .bin file with the index (`n_tokens`, last doc offset).
+`token_shards` (one row per chunk of documents, both splits, streamed by dsv3.data.shard_stats):
+every token id below vocab_size, each document framed by BOS ... EOS; plus one row per split
+comparing the token count of the .bin file with the index (`n_tokens`, last doc offset).
 A file data context lives under `gx_root` (default OUT/gx) so each run renders Data Docs
 HTML; `validate` returns a Report whose `.text` lists every failed expectation with
 sample values and the Data Docs path; callers exit non-zero when `.success` is False.
@@ -25,10 +25,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dsv3.data.config import DataConfig
 from dsv3.data.pii import RESIDUAL_PATTERNS
+from dsv3.data.shard_stats import shard_frames
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -59,26 +58,6 @@ def _docs_frame(out: Path):
                 rows += [json.loads(l) for l in f if l.strip()]
     cols = ["id", "text", "source", "path", "kind", "hash", "quality_score", "n_bytes", "split"]
     return pd.DataFrame(rows, columns=sorted(set(cols) | {k for r in rows for k in r}))
-
-
-def _shard_frames(out: Path):
-    import pandas as pd
-
-    from dsv3.data.shards import TokenShards
-
-    idx = json.loads((out / "shards" / "index.json").read_text())
-    docs, totals = [], []
-    for split, e in idx["splits"].items():
-        ts = TokenShards(out / "shards", split)
-        tok = np.asarray(ts.tokens, dtype=np.int64)
-        off = ts.doc_offsets
-        for i in range(len(off) - 1):
-            d = tok[off[i]:off[i + 1]]
-            docs.append({"split": split, "max_id": int(d.max()) if d.size else -1, "min_id": int(d.min()) if d.size else -1,
-                         "first": int(d[0]) if d.size else -1, "last": int(d[-1]) if d.size else -1})
-        totals.append({"split": split, "bin_tokens": int(tok.size), "index_tokens": int(e["n_tokens"]),
-                       "offset_tokens": int(off[-1])})
-    return pd.DataFrame(docs), pd.DataFrame(totals), idx
 
 
 def _suites(cfg: DataConfig, idx: dict | None):
@@ -131,7 +110,7 @@ def validate(out: str | Path, cfg: DataConfig | None = None, gx_root: str | Path
     frames = {"curated_docs": _docs_frame(out)}
     idx = None
     if (out / "shards" / "index.json").is_file():
-        frames["token_shards"], frames["shard_totals"], idx = _shard_frames(out)
+        frames["token_shards"], frames["shard_totals"], idx = shard_frames(out)  # streamed, per chunk
     ds = ctx.data_sources.add_or_update_pandas("dsv3")
     lines, ok, results = [], True, {}
     for name, exps in _suites(cfg, idx).items():
