@@ -62,6 +62,7 @@ def _train_worker(config: dict) -> dict | None:
             marker["attempt"] = int(seen.get("attempt", 1)) + 1
         marks.write_marker(marker)
     attempt = collectives.broadcast_object(marker["attempt"])
+    workers = _placement(rank, world)
     forward = _forward_log(out / "train.log", config.get("log_queue")) if rank == 0 else None
     if attempt > 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"debug_kill_rank_at_step": None})})
@@ -77,7 +78,21 @@ def _train_worker(config: dict) -> dict | None:
     finally:
         if forward is not None:
             forward()
-    return {**res.to_json(), "attempt": attempt} if rank == 0 else None
+    return {**res.to_json(), "attempt": attempt, "workers": workers} if rank == 0 else None
+
+
+def _placement(rank: int, world: int) -> list[dict]:
+    """Where each rank runs: its Ray node and working directory (in the result, for the record)."""
+    import ray
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd()}
+    if world == 1:
+        return [me]
+    import torch.distributed as dist
+
+    everyone = [None] * world
+    dist.all_gather_object(everyone, me)
+    return everyone
 
 
 def _on_this_node(cfg):
@@ -142,7 +157,7 @@ def _push_input(local: str, base: str) -> str:
     files = storage.sha256_files(Path(local))
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
     uri = f"{base}/inputs/{key}"
-    if storage.Store(uri).get_bytes(storage.DIR_MANIFEST) is None:
+    if not storage.complete(uri):
         storage.push_dir(local, uri)
     return uri
 
@@ -154,7 +169,8 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     """Run `dsv3.train.loop.train` on Ray Train with dp × pp workers (`parallel.dp`, `parallel.pp`: data-
     and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group;
     `parallel.ep`: the dp workers also shard the routed experts, §3.2.2); returns rank 0's result
-    (result.json's fields, plus `attempt`: how many times the worker group started)."""
+    (result.json's fields, plus `attempt`: how many times the worker group started, and `workers`: each
+    rank's Ray node and working directory)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -236,6 +236,12 @@ def push_dir(local: str | Path, uri: str) -> str:
     return store.uri
 
 
+def complete(uri: str) -> bool:
+    """Whether `push_dir` finished uploading the directory at `uri` (its manifest is there)."""
+    store = Store(uri)
+    return any(store.get_bytes(name) is not None for name in (DIR_MANIFEST, "manifest.json"))
+
+
 def _manifest(store: Store) -> tuple[str, bytes]:
     for name in (DIR_MANIFEST, "manifest.json"):
         data = store.get_bytes(name)
