@@ -122,3 +122,18 @@ def test_resume_in_another_working_dir_from_storage_alone(tmp_path, monkeypatch,
     assert got == full  # steps 1-4 restored from the store's metrics.jsonl, 5-6 recomputed bitwise
     final = storage.local_dir(res_b.model_dir)
     assert (Path(final) / "config.json").is_file()
+
+
+def test_ray_storage_mode_refuses_a_one_machine_tracking_store(tmp_path, monkeypatch):
+    """With shared storage the workers may be on other nodes: a SQLite MLflow file is refused before Ray starts."""
+    from dsv3.train.launcher import run_training
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_cfg(make_shards(tmp_path / "shards", n_docs=30), "runs/x", f"train.storage_uri=file://{tmp_path}/r",
+                   "parallel.dp=2")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: .*SQLite.*tracking server"):
+        run_training(cfg, progress=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    with pytest.raises(ConfigError, match=f"MLFLOW_TRACKING_URI: sqlite:///{tmp_path}/m.db is on one machine"):
+        run_training(cfg, progress=False)
+    assert not (tmp_path / "r").exists()  # nothing uploaded
