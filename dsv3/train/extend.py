@@ -56,7 +56,7 @@ def stage_config(cfg, i: int, init_from: str, L0: int):
         seq_len=stage.seq_len, batch_size=stage.batch_size, shards=stage.shards or cfg.train.shards, steps=stage.steps,
         lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
-        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir).resolve() / f"extend_{i + 1}"),
+        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir) / f"extend_{i + 1}"),
         eval_every=stage.steps, ckpt_every=stage.steps, eval_batches=1, ema=False, register_model=False,
         debug_nan_steps=[],
         debug_kill_rank_at_step=None))
@@ -94,12 +94,13 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
            num_workers: int | None = None) -> dict:
     """Run all extension stages from `init_from` (checkpoint dir, HF dir or MLflow URI)."""
     from dsv3 import tracking
-    from dsv3.train import plots
+    from dsv3.train import plots, storage
     from dsv3.train.loop import train
 
     ex = cfg.train.extend
     L0 = ex.original_max_position_embeddings or cfg.train.seq_len
-    src = Path(tracking.resolve_model_uri(init_from))
+    remote = storage.is_remote(str(init_from))  # a checkpoint / model in shared storage (storage.py)
+    src = Path(storage.local_dir(str(init_from)) if remote else tracking.resolve_model_uri(init_from))
     base_dir = src / "model" if (src / "model" / "config.json").is_file() else src
     tok = _tokenizer(cfg)
     out: dict = {"stages": []}
@@ -107,7 +108,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                             tags={"parent_checkpoint": str(init_from)}) as run:
         out["run_id"] = run.info.run_id
         before, loss_before = passkey_probe(cfg, cfg.model, str(base_dir), tok)
-        prev = str(base_dir)
+        prev = str(init_from) if remote else str(base_dir)  # the workers fetch a storage URI themselves
         for i in range(len(ex.stages)):
             scfg = stage_config(cfg, i, prev, L0)
             print(f"[extend] stage {i + 1}/{len(ex.stages)}: YaRN factor {ex.stages[i].factor:g}, "
@@ -121,7 +122,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                 res = train(scfg, parent_run_id=run.info.run_id, stage=f"extend_{i + 1}").to_json()
             out["stages"].append(res)
             prev = res["model_dir"]
-        after, loss_after = passkey_probe(cfg, scfg.model, prev, tok)
+        after, loss_after = passkey_probe(cfg, scfg.model, storage.local_dir(prev), tok)
         for name, grid in (("before", before), ("after", after)):
             fig = plots.heatmap(grid, ex.passkey_lengths, ex.passkey_depths,
                                 f"passkey token accuracy ({name} extension)", "needle depth", "context length")
@@ -136,7 +137,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                               **{f"longctx/after/val_loss_len_{L}": v for L, v in loss_after.items()}}, step=0)
         tracking.set_tags({"checkpoint_uri": out["stages"][-1]["checkpoint"], "model_dir": prev})
         if cfg.train.register_model:
-            out["model_version"] = tracking.register_model(prev, cfg.tracking.registered_model)
+            out["model_version"] = tracking.register_model(storage.local_dir(prev), cfg.tracking.registered_model)
     out.update(model_dir=prev, checkpoint=out["stages"][-1]["checkpoint"],
                passkey_before=np.round(before, 3).tolist(), passkey_after=np.round(after, 3).tolist(),
                val_loss_by_length_before={L: round(v, 4) for L, v in loss_before.items()},

@@ -8,47 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-STACK = REPO / "infra" / "stack.py"
+from tests.infra.stack_helpers import REPO, run_py as _py, stack_cmd as _stack  # fixture `stack`: conftest.py
+
 pytestmark = pytest.mark.slow
-
-
-def _stack(state: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STACK), *args, "--state", str(state)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _py(code: str, env: dict, cwd: Path, timeout: float = 300) -> dict:
-    """Run `code` with the stack's env; it prints one JSON line last."""
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
-    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def stack():
-    # short path: Ray's unix sockets live under its temp dir (107-byte limit)
-    state = Path(tempfile.mkdtemp(prefix="dsv3s-", dir="/tmp"))
-    try:
-        r = _stack(state, "up", "--ray-cpus", "1")
-        assert r.returncode == 0, f"stack up failed:\n{r.stdout}\n{r.stderr}"
-        yield {"state": state, "env": json.loads((state / "env.json").read_text()),
-               "st": json.loads((state / "state.json").read_text()), "up": r.stdout}
-    finally:
-        _stack(state, "down", timeout=300)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_up_is_idempotent_and_status_healthy(stack):
