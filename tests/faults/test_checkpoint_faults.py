@@ -73,6 +73,7 @@ def empty_store(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
     tracking.setup(f"sqlite:///{path}")
+    tracking.runs._EXPLICIT_URI = None  # later tests pick their store themselves
     return path
 
 
