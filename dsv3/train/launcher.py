@@ -11,6 +11,10 @@ Design choices
   launch's marker in the run folder and resume from the latest valid checkpoint (their own atomic
   checkpoints, not Ray's storage, so a single-process run and a Ray run resume the same way).
 - Progress: rank 0 appends its lines to <out_dir>/train.log, which the driver tails.
+- A cluster connection (`address` / $RAY_ADDRESS) made by `run_training` is closed when it returns: a
+  driver still connected when the head restarts is ended by Ray (exit status 1, no message), so a
+  long-lived process (flow worker, notebook) connects afresh for each run (tests/faults/test_ray_head.py).
+  A local instance, or a connection the caller made, is left as it is.
 Ray itself is started through dsv3.cluster (the general Ray helpers).
 """
 
@@ -80,6 +84,9 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     n = int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
     check_layout(cfg, n)  # fail before starting Ray (pp not dividing the workers, odd DualPipe, ep, ...)
     cfg = _worker_config(cfg, n)
+    import ray
+
+    connected_here = not ray.is_initialized()
     ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
     out = Path(cfg.train.out_dir)
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS") if k in os.environ}
@@ -107,6 +114,8 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         stop.set()
         if progress:
             tail.join(timeout=2)
+        if connected_here and (address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()  # the head may restart before the next run: see the module docstring
     return json.loads((out / "result.json").read_text())
 
 
