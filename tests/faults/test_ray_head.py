@@ -78,12 +78,13 @@ class RayHead:
             time.sleep(0.3)
 
     def processes(self) -> list[int]:
-        """Every process of this cluster (head, raylet, workers): their command lines name its temp dir."""
-        out = []
+        """Every process of this cluster: the head's children and the workers they start (which rename
+        themselves `ray::...` and leave the head's process group) inherit its RAY_AUTH_TOKEN_PATH."""
+        out, mark = [], str(self.dir).encode()
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
                 try:
-                    if str(self.dir).encode() in (d / "cmdline").read_bytes():
+                    if mark in (d / "environ").read_bytes() or mark in (d / "cmdline").read_bytes():
                         out.append(int(d.name))
                 except OSError:
                     pass
@@ -165,6 +166,8 @@ def test_head_restarted_between_runs_resumes(head, shards, reference, tmp_path):
     head.kill()  # ... and the cluster's head goes away with its workers
     assert not head.processes()
     done = max(_losses(run))
+    time.sleep(2)
+    assert max(_losses(run)) == done, "no orphaned worker goes on training"
     assert 12 <= done < STEPS
     head.start()  # the same address, a new Ray session
 
