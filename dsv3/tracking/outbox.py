@@ -137,12 +137,10 @@ class _Outbox:
 
     def put(self, op: dict) -> None:
         with self.cv:
-            if len(self.q) >= _limit():
-                keep_head = 1 if self.busy else 0
-                n = len(self.q) // 2
-                old = [self.q[keep_head + i] for i in range(n)]
-                for _ in range(n):
-                    del self.q[keep_head]
+            if len(self.q) >= _limit():  # spill the oldest half (not the record being sent)
+                head = [self.q.popleft()] if self.busy else []
+                old = [self.q.popleft() for _ in range(max(1, len(self.q) // 2))]
+                self.q.extendleft(head)
                 spill(old, f"more than {_limit()} records buffered")
             self.q.append(op)
             if self.down_since is not None:

@@ -232,7 +232,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     except Exception as e:
         if not (_remote(mlflow.get_tracking_uri()) and transient(e)):
             raise
-        _queue("artifact", {"path": str(p.resolve()), "artifact_path": artifact_path}, force=True)
+        _queue("artifact", {"path": str(p.resolve()), "artifact_path": artifact_path})
 
 
 def log_figure(fig: Any, path: str) -> None:
@@ -246,8 +246,7 @@ def log_figure(fig: Any, path: str) -> None:
         keep = spill_dir() / "files" / uuid.uuid4().hex / Path(path).name
         keep.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(keep)
-        _queue("artifact", {"path": str(keep), "artifact_path": str(Path(path).parent) if "/" in path else None},
-               force=True)
+        _queue("artifact", {"path": str(keep), "artifact_path": str(Path(path).parent) if "/" in path else None})
 
 
 def log_dataset_input(digest: str, name: str, source: str, context: str = "training") -> None:
@@ -285,10 +284,10 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 # ---- server mode: the outbox (outbox.py) ------------------------------------------------------------
-def _queue(kind: str, data: dict, step: int | None = None, force: bool = False) -> bool:
-    """Queue a record for the active run when tracking to a server (or `force`); False: log it directly."""
+def _queue(kind: str, data: dict, step: int | None = None) -> bool:
+    """Queue a record for the active run when tracking to a server; False: log it directly."""
     uri = mlflow.get_tracking_uri()
-    if not (_remote(uri) or force):
+    if not _remote(uri):
         return False
     OUTBOX.put({"kind": kind, "uri": uri, "run_id": mlflow.active_run().info.run_id, "step": step,
                 "ts": int(time.time() * 1000), "data": data})

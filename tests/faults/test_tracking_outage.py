@@ -159,7 +159,9 @@ def test_server_killed_and_restarted_mid_run(remote, tmp_path):
 
 @pytest.mark.slow
 def test_server_gone_at_the_end_of_a_run_spills_and_replays(remote, monkeypatch):
+    """Also the memory bound: at most 4 records are kept (DSV3_TRACKING_BUFFER), the oldest are spilled."""
     monkeypatch.setenv("DSV3_TRACKING_FLUSH_S", "3")
+    monkeypatch.setenv("DSV3_TRACKING_BUFFER", "4")
     with tracking.start_run({"lr": 0.1}, stage="outage") as run:
         tracking.log_metrics({"m": 1.0}, step=1)
         assert tracking.runs.flush(30)
@@ -169,14 +171,17 @@ def test_server_gone_at_the_end_of_a_run_spills_and_replays(remote, monkeypatch)
             tracking.log_metrics({"m": float(s)}, step=s)
         tracking.set_tags({"after": "outage"})
         assert time.monotonic() - t < 1.0, "logging never waits for the server"
+        assert len(tracking.outbox.OUTBOX.q) <= 4
         t = time.monotonic()
     assert time.monotonic() - t < 30, "leaving the run is bounded"
     spilled = list((Path(os.environ["DSV3_CACHE_DIR"]) / "mlflow-outbox").glob("*.jsonl"))
     assert len(spilled) == 1
-    kinds = [json.loads(x)["kind"] for x in spilled[0].read_text().splitlines()]
-    assert kinds == ["metrics"] * 4 + ["tags", "terminate"]
+    ops = [json.loads(x) for x in spilled[0].read_text().splitlines()]
+    assert sorted(op["step"] for op in ops if op["kind"] == "metrics") == [2, 3, 4, 5]
+    assert [op["kind"] for op in ops[-2:]] == ["tags", "terminate"] and len(ops) == 6
 
     remote.start()
+    monkeypatch.delenv("DSV3_TRACKING_BUFFER")  # a later process, with the default bound
     with tracking.start_run({"lr": 0.2}, stage="next"):  # sends what the last run spilled
         pass
     assert not list(spilled[0].parent.glob("*.jsonl*"))
