@@ -7,6 +7,7 @@ Tracking server outages (issue 13 §3; tests/faults/test_tracking_outage.py)
   (connection refused/reset, timeout, 429/502/503/504) the thread keeps the records and retries with
   backoff (0.5 s doubling to 10 s); one warning per outage, one line when it is delivered again. A local
   store (SQLite, the default) is written synchronously as before: there is nothing to go away.
+  `run_info` / `metric_history` deliver what is queued before they read; `flush()` does it on demand.
 - Bounded: at most $DSV3_TRACKING_BUFFER records (default 100000) stay in memory; beyond that the
   oldest half is spilled to `$DSV3_CACHE_DIR/mlflow-outbox/*.jsonl` (default ~/.cache/dsv3/...).
 - End of run: the outbox is flushed for up to $DSV3_TRACKING_FLUSH_S seconds (default 60), then the
@@ -263,11 +264,12 @@ def log_dataset_input(digest: str, name: str, source: str, context: str = "train
         src = resolve_dataset_source(str(Path(source).resolve()) if "://" not in source else source)
     try:
         mlflow.log_input(MetaDataset(source=src, name=name, digest=str(digest)[:36]), context=context)
+        mlflow.set_tag("dvc_data_digest", digest)  # synchronous: registry.lineage_tags reads it back
     except Exception as e:
         if not (_remote(mlflow.get_tracking_uri()) and transient(e)):
             raise
         log.warning("MLflow server unreachable: dataset input %s not recorded (%s)", name, reason(e))
-    set_tags({"dvc_data_digest": digest})
+        set_tags({"dvc_data_digest": digest})
 
 
 def run_info(run_id: str) -> Any:
