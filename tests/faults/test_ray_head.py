@@ -69,7 +69,7 @@ class RayHead:
                *(f"--{k}={v}" for k, v in ports.items())]
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **self.env})
+                                         env={**os.environ, **self.env, "DSV3_TEST_RAY_HEAD": str(self.dir)})
         deadline = time.time() + timeout
         while "Ray runtime started" not in log.read_text():
             if self.proc.poll() is not None or time.time() > deadline:
@@ -77,14 +77,15 @@ class RayHead:
                 raise RuntimeError(f"ray head did not start: {log.read_text()[-2000:]}")
             time.sleep(0.3)
 
-    def processes(self) -> list[int]:
+    def processes(self, workers_only: bool = False) -> list[int]:
         """Every process of this cluster: the head's children and the workers they start (which rename
-        themselves `ray::...` and leave the head's process group) inherit its RAY_AUTH_TOKEN_PATH."""
-        out, mark = [], str(self.dir).encode()
+        themselves `ray::...` and leave the head's process group) inherit the head's DSV3_TEST_RAY_HEAD."""
+        out, mark = [], f"DSV3_TEST_RAY_HEAD={self.dir}".encode()
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
                 try:
-                    if mark in (d / "environ").read_bytes() or mark in (d / "cmdline").read_bytes():
+                    if mark in (d / "environ").read_bytes().split(b"\0") and (
+                            not workers_only or (d / "cmdline").read_bytes().startswith(b"ray::")):
                         out.append(int(d.name))
                 except OSError:
                     pass
@@ -160,6 +161,7 @@ def test_head_restarted_between_runs_resumes(head, shards, reference, tmp_path):
     while len(_losses(run)) < 12 and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, f"run 1 ended before it could be interrupted: {p.stderr.read()[-2000:]}"
+    assert head.processes(workers_only=True), "the training worker is one of the cluster's processes"
     os.kill(p.pid, signal.SIGKILL)  # the driver dies mid-run ...
     p.wait()
     p.stderr.close()
