@@ -17,7 +17,8 @@ Design choices
 - Experiments are tagged as model training (`mlflow.experimentKind`), the MLflow 3 UI's
   training view rather than its GenAI / traces view.
 - Submodules: registry.py (stage hand-off, aliases, eval linkage), pyfunc_model.py (the
-  flavour), _pyfunc_entry.py (its models-from-code entry). Only this package imports mlflow.
+  flavour), _pyfunc_entry.py (its models-from-code entry), outbox.py (delivery to a tracking
+  server that may go away; see runs.py). Only this package imports mlflow.
 """
 
 from dsv3.tracking.runs import (  # noqa: F401

@@ -21,6 +21,10 @@ Design choices
   launch's marker (`.launch` in out_dir, or `launch.json` in storage) and resume from the latest valid
   checkpoint, local or downloaded from storage, so one process and a Ray run resume the same way. A
   restarted group drops `train.debug_kill_rank_at_step` (tests: kill once).
+- A cluster connection (`address` / $RAY_ADDRESS) made by `run_training` is closed when it returns: a
+  driver still connected when the head restarts is ended by Ray (exit status 1, no message), so a
+  long-lived process (flow worker, notebook) connects afresh for each run (tests/faults/test_ray_head.py).
+  A local instance, or a connection the caller made, is left as it is.
 Ray itself is started through dsv3.cluster (the general Ray helpers).
 """
 
@@ -189,6 +193,9 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         cfg = _worker_config(cfg, n)
         env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(Path("mlruns.db").resolve()))
         storage_path, storage_fs = str(Path(cfg.train.out_dir) / "ray"), None
+    import ray
+
+    connected_here = not ray.is_initialized()
     ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
     config = {"cfg": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex,
               "parent_run_id": parent_run_id, "stage": stage, "run_name": run_name, "tags": tags,
@@ -215,6 +222,8 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
             tail.join(timeout=5)
         if queue is not None:
             queue.shutdown()
+        if connected_here and (address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()  # the head may restart before the next run: see the module docstring
     if getattr(result, "return_value", None) is None and not base:  # Ray Train v1 (RAY_TRAIN_V2_ENABLED=0)
         import json
 
