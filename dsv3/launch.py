@@ -63,6 +63,38 @@ def ray_shutdown() -> None:
         ray.shutdown()
 
 
+# ---- actors (owner: serve): prefill workers of dsv3.serve.pd ----------------------------------
+def ray_actor(cls, *args, num_cpus: int = 1, **kwargs):
+    """Start `cls(*args, **kwargs)` as a Ray actor (local Ray started if needed); returns its handle."""
+    import ray
+
+    if not ray.is_initialized():
+        ray_init()
+    return ray.remote(num_cpus=num_cpus)(cls).remote(*args, **kwargs)
+
+
+def ray_ready(refs: list, timeout: float | None = None) -> list:
+    """The refs among `refs` that are done, waiting up to `timeout` s for the first."""
+    import ray
+
+    if not refs:
+        return []
+    done, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+    return done
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def ray_kill(actor) -> None:
+    import ray
+
+    ray.kill(actor)
+
+
 # ---- training (owner: train) --------------------------------------------------------------
 # Ray Train runs `dsv3.train.loop.train` on every worker; TorchTrainer sets up the
 # torch.distributed group (gloo on CPU, NCCL on GPU). Fault tolerance: FailureConfig

@@ -245,6 +245,29 @@ def resolve_model_uri(uri: str | Path, dst: str | Path | None = None) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri(), **kw)
 
 
+def model_version_info(uri: str) -> dict | None:
+    """{name, version, run_id, source} of a `models:/name/version|latest` or `models:/name@alias`
+    URI (None for other URIs): what a server logs about the model it serves."""
+    s = str(uri)
+    if not s.startswith("models:/"):
+        return None
+    client = MlflowClient(tracking_uri())
+    rest = s[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = rest.partition("/")
+        if version in ("", "latest"):
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise FileNotFoundError(f"no versions of registered model {name!r}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, version)
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
+
+
 def run_info(run_id: str) -> Any:
     """The MlflowClient view of a run (metrics, params, tags): for tests and reports."""
     return MlflowClient(tracking_uri()).get_run(run_id)

@@ -1,0 +1,355 @@
+"""`dsv3 serve MODEL_URI`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
+GET /v1/models, GET /health, GET /metrics (Prometheus text format).
+
+Design choices
+- The model comes from a HF directory or an MLflow URI (`runs:/...`, `models:/name/version`,
+  `models:/name@alias`) resolved by dsv3.tracking; the served name is the registered model's
+  name (or the directory's), and the log line at start-up names the URI and the version.
+- Chat prompts use post-training's template (dsv3.posttrain.chat, §5.1), so a chat model is
+  prompted exactly as it was fine-tuned; completion prompts are tokenised as given.
+- Status codes: 400 malformed JSON, invalid or unsupported fields, too-long prompts (the
+  message says what is wrong); 404 unknown model (OpenAI's and vLLM's code: the official client
+  raises NotFoundError); 429 when the waiting queue is full; 503 from /health once the engine
+  has failed. Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}.
+- A client that disconnects (stream closed, or a plain request abandoned) aborts its request:
+  the engine drops it before the next step and releases its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from dsv3.serve.config import ServeConfig
+from dsv3.serve.engine import Engine, Output, QueueFull, Request, RequestError, _merge
+from dsv3.serve.protocol import (ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs, error_body,
+                                 usage)
+
+log = logging.getLogger("dsv3.serve")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def load_model(uri: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, local_dir, info) for a HF dir or an MLflow model URI."""
+    from dsv3.model.transformer import DeepSeekV3
+
+    info = {"uri": str(uri)}
+    local = str(uri)
+    if local.startswith(("runs:/", "models:/")) or "://" in local:
+        from dsv3 import tracking
+
+        info.update(tracking.model_version_info(local) or {})
+        local = tracking.resolve_model_uri(local)
+    if not Path(local, "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: no config.json (not a HF-format model directory)")
+    model = DeepSeekV3.from_pretrained(local, dtype=getattr(torch, dtype), device=device).eval()
+    from transformers import PreTrainedTokenizerFast
+
+    if Path(local, "tokenizer_config.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(local)
+    else:
+        from dsv3.posttrain.chat import load_tokenizer
+
+        tok = load_tokenizer(local)
+    info.setdefault("name", Path(local).name if not str(uri).startswith("models:/") else
+                    str(uri)[len("models:/"):].split("@")[0].split("/")[0])
+    info["local_dir"] = local
+    return model, tok, local, info
+
+
+def build_app(engine: Engine, served_name: str, info: dict | None = None) -> FastAPI:
+    app = FastAPI(title="dsv3 OpenAI-compatible server")
+    tok = engine.tok
+    info = info or {}
+    names = {served_name, info.get("uri")} - {None}
+    created = int(time.time())
+
+    def tok_str(t: int) -> str:
+        return tok.decode([t])
+
+    @app.exception_handler(HTTPError)
+    async def _err(_, e: HTTPError):
+        return JSONResponse(error_body(e.message, e.type, e.param), status_code=e.status)
+
+    async def parse(request: HTTPRequest, cls):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the JSON body must be an object")
+        try:
+            req = cls.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise HTTPError(400, f"invalid request: {loc}: {first['msg']}", param=loc) from None
+        if req.model is not None and req.model not in names:
+            raise HTTPError(404, f"The model `{req.model}` does not exist; this server serves `{served_name}`.",
+                            "NotFoundError", "model")
+        bad = req.unsupported()
+        if bad:
+            raise HTTPError(400, f"`{bad}` is not supported by this server", param=bad)
+        return req
+
+    def submit(items: list[tuple[list[int], object]]):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        reqs = []
+        try:
+            for i, (ids, params) in enumerate(items):
+                sink = (lambda out, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, out)))
+                reqs.append(engine.submit(Request(ids, params, sink)))
+        except QueueFull as e:
+            for r in reqs:
+                engine.abort(r)
+            raise HTTPError(429, str(e), "rate_limit_exceeded") from None
+        except RequestError as e:
+            for r in reqs:
+                engine.abort(r)
+            raise HTTPError(400, str(e)) from None
+        return reqs, q
+
+    async def events(reqs, q, request: HTTPRequest | None):
+        """(index, Output) until every request finished; aborts them if the client goes away."""
+        left = len(reqs)
+        try:
+            while left:
+                try:
+                    i, out = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if engine.error is not None:
+                        raise HTTPError(500, f"engine failed: {engine.error!r}", "server_error") from None
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if out.finish_reason is not None:
+                    left -= 1
+                if out.finish_reason == "error":
+                    raise HTTPError(500, f"engine failed: {engine.error!r}", "server_error")
+                yield i, out
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    engine.abort(r)
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    # ---- /v1/completions ----------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        req = await parse(request, CompletionRequest)
+        prompts = [p if isinstance(p, list) else tok.encode(p) for p in req.prompts()]
+        params = req.sampling(req.max_tokens if req.max_tokens is not None else engine.cfg.default_max_tokens,
+                              req.logprobs, req.echo)
+        items = [(ids, _seeded(params, j)) for ids in prompts for j in range(req.n)]
+        reqs, q = submit(items)
+        rid, model = f"cmpl-{uuid.uuid4().hex}", served_name
+
+        def prefix(i: int) -> str:
+            return tok.decode(items[i][0]) if req.echo else ""
+
+        def lp_of(i: int, out: Output, offset: int) -> dict | None:
+            if req.logprobs is None:
+                return None
+            lps = (out.prompt_logprobs or []) + (out.logprobs or [])
+            return completion_logprobs(tok_str, lps, offset)
+
+        if req.stream:
+            async def gen():
+                sent = [0] * len(items)
+                comp = [0] * len(items)
+                first = [True] * len(items)
+                async for i, out in events(reqs, q, None):
+                    text = (prefix(i) if first[i] else "") + out.text
+                    first[i] = False
+                    comp[i] = out.completion_tokens
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                               "choices": [{"index": i, "text": text, "logprobs": lp_of(i, out, sent[i]),
+                                            "finish_reason": out.finish_reason}]})
+                    sent[i] += len(text)
+                if req.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                               "choices": [], "usage": usage(sum(len(x[0]) for x in items), sum(comp))})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        merged = [Output(logprobs=[] if req.logprobs is not None else None) for _ in items]
+        async for i, out in events(reqs, q, request):
+            _merge(merged[i], out)
+        if any(m.finish_reason is None for m in merged):
+            return Response(status_code=499)  # client went away
+        choices = [{"index": i, "text": prefix(i) + m.text, "logprobs": lp_of(i, m, 0),
+                    "finish_reason": m.finish_reason} for i, m in enumerate(merged)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                "usage": usage(sum(len(x[0]) for x in items), sum(m.completion_tokens for m in merged))}
+
+    # ---- /v1/chat/completions -----------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        from dsv3.posttrain.chat import apply_chat_template
+
+        req = await parse(request, ChatRequest)
+        try:
+            ids = apply_chat_template(tok, req.dicts(), add_generation_prompt=True)
+        except ValueError as e:
+            raise HTTPError(400, f"cannot apply the chat template: {e}") from None
+        mt = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(ids))
+        params = req.sampling(mt, (req.top_logprobs or 0) if req.logprobs else None)
+        items = [(ids, _seeded(params, j)) for j in range(req.n)]
+        reqs, q = submit(items)
+        rid, model = f"chatcmpl-{uuid.uuid4().hex}", served_name
+        lp = (lambda out: chat_logprobs(tok_str, out.logprobs or [])) if req.logprobs else (lambda out: None)
+
+        if req.stream:
+            async def gen():
+                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+                for i in range(len(items)):
+                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+                comp = [0] * len(items)
+                async for i, out in events(reqs, q, None):
+                    comp[i] = out.completion_tokens
+                    delta = {"content": out.text} if out.text else {}
+                    yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp(out),
+                                                    "finish_reason": out.finish_reason}]})
+                if req.include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(len(ids) * len(items), sum(comp))})
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        merged = [Output(logprobs=[] if req.logprobs else None) for _ in items]
+        async for i, out in events(reqs, q, request):
+            _merge(merged[i], out)
+        if any(m.finish_reason is None for m in merged):
+            return Response(status_code=499)
+        choices = [{"index": i, "message": {"role": "assistant", "content": m.text}, "logprobs": lp(m),
+                    "finish_reason": m.finish_reason} for i, m in enumerate(merged)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": usage(len(ids) * len(items), sum(m.completion_tokens for m in merged))}
+
+    # ---- the rest -------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": served_name, "object": "model", "created": created, "owned_by": "dsv3",
+                "max_model_len": engine.max_model_len}
+        for k in ("uri", "version", "run_id"):
+            if info.get(k) is not None:
+                card[k] = info[k]
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _seeded(params, j: int):
+    """The j-th of n choices: its own seed (seed + j) so that the n samples differ but repeat."""
+    if j == 0 or params.seed is None:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=params.seed + j)
+
+
+class Server:
+    """Engine + app + uvicorn: `start()` in a thread (tests, benchmarks), `run()` blocking (CLI)."""
+
+    def __init__(self, cfg: ServeConfig, model=None, tokenizer=None, model_dir: str | None = None,
+                 info: dict | None = None):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if model is None:
+            model, tokenizer, model_dir, info = load_model(cfg.model, cfg.dtype, cfg.device)
+        self.cfg, self.info = cfg, dict(info or {"uri": model_dir})
+        self.engine = Engine(model, tokenizer, cfg, model_dir=model_dir)
+        self.name = cfg.served_model_name or self.info.get("name") or "dsv3"
+        self.app = build_app(self.engine, self.name, self.info)
+        self._server = None
+        self._thread = None
+        self.url: str | None = None
+
+    def describe(self) -> str:
+        i = self.info
+        ver = f" version {i['version']}" if i.get("version") else ""
+        run = f" (run {i['run_id']})" if i.get("run_id") else ""
+        return (f"serving {i.get('uri')} as `{self.name}`: {i.get('name', '')}{ver}{run} from {i.get('local_dir', '')}; "
+                f"{self.cfg.dtype}, pd={self.cfg.pd}, speculative={self.engine.K}, compile={self.cfg.compile}")
+
+    def _socket(self):
+        import socket
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.cfg.host, self.cfg.port))
+        self.url = f"http://{self.cfg.host}:{sock.getsockname()[1]}"
+        return sock
+
+    def start(self) -> str:
+        import threading
+
+        import uvicorn
+
+        sock = self._socket()
+        self.engine.start()
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        t0 = time.time()
+        while not self._server.started:
+            if not self._thread.is_alive() or time.time() - t0 > 60:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        log.info(self.describe())
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=30)
+            self._server = None
+        self.engine.stop()
+
+    def run(self) -> None:
+        import uvicorn
+
+        sock = self._socket()
+        self.engine.start()
+        print(f"dsv3 serve: {self.describe()}; listening on {self.url}", flush=True)
+        try:
+            uvicorn.Server(uvicorn.Config(self.app, log_level="info", lifespan="off")).run(sockets=[sock])
+        finally:
+            self.engine.stop()
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
