@@ -50,3 +50,40 @@ def loaded(tiny_dir):
     from dsv3.serve.server import load_model
 
     return load_model(str(tiny_dir))
+
+
+def counting_batch(g, batch: int = 16, length: int = 48):
+    """Arithmetic progressions (stride 1 or 2) over token ids 100..163: predictable two tokens ahead."""
+    import torch
+
+    start = torch.randint(0, 64, (batch, 1), generator=g)
+    stride = torch.randint(1, 3, (batch, 1), generator=g)
+    return 100 + (start + stride * torch.arange(length)) % 64
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny model trained briefly (main + MTP losses) on counting sequences, so that its MTP
+    module drafts tokens the main model accepts: speculation runs its accept and reject paths."""
+    import shutil
+
+    import torch
+
+    from dsv3 import DeepSeekV3
+
+    out = tmp_path_factory.mktemp("trained_model")
+    torch.manual_seed(0)
+    m = DeepSeekV3.from_pretrained(tiny_dir).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(70):
+        ids = counting_batch(g)
+        m(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        m.update_bias(1e-3)
+    m.save_pretrained(out)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
