@@ -81,7 +81,10 @@ def build_app(engine: Engine, served_name: str, info: dict | None = None) -> Fas
     created = int(time.time())
 
     def tok_str(t: int) -> str:
-        return tok.decode([t])
+        """A token as text; a token that is only part of a UTF-8 character is shown by its
+        vocabulary string instead (so distinct tokens keep distinct keys in top_logprobs)."""
+        s = tok.decode([t])
+        return tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
 
     @app.exception_handler(HTTPError)
     async def _err(_, e: HTTPError):
