@@ -12,7 +12,7 @@ CONFIG ?= configs/pretrain_small.yaml
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain serve bench mlflow-ui prefect-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,10 @@ eval: $(STAMP) ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
 
 posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
 	$(BIN)/python -m flows.posttrain
+
+MODEL ?= models:/dsv3-chat@champion
+serve: $(STAMP) ## OpenAI-compatible server on the champion chat model (MODEL=..., ARGS="--port 8000 ...")
+	$(BIN)/dsv3 serve $(MODEL) $(ARGS)
 
 bench: $(STAMP) ## run the benchmark scripts (print figures)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
