@@ -290,7 +290,7 @@ class Engine:
     def _decode(self, rows: list[Request]) -> None:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.model.device)
         inp = step_input([r.seq.length for r in rows], ids, [r.seq.table for r in rows], self.pool.block_size,
-                         pad_batch=self.pad_batch(len(rows)))
+                         pad_batch=self.pad_batch(len(rows)), t_bucket=self.runner.t_bucket)
         logits, _ = self.runner.forward(inp)
         for i, r in enumerate(rows):
             r.seq.length += 1

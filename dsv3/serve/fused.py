@@ -64,19 +64,25 @@ def absorb_weights(a) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, : a.nope].contiguous(), w[:, a.nope:].transpose(1, 2).contiguous()
 
 
-def absorbed_attention(a, absorb, q_nope, q_pe, kv, mask, lin=F.linear) -> torch.Tensor:
+def absorbed_attention(a, absorb, q_nope, q_pe, kv, mask, lin=F.linear, sdpa: bool = True) -> torch.Tensor:
     """q_nope [B,S,H,nope], q_pe [B,S,H,rope] over latents kv [B,T,r+rope] -> [B,S,D]. Absorption
     (§2.1.1): W_UK folded into the query, W_UV applied after; the H*S queries of a row share the
-    latent keys/values (multi-query attention), so one fused SDPA call reads the row's cache once."""
+    latent keys/values (multi-query attention), so the row's cache is read once for all heads:
+    one fused SDPA call (eager), or two batched matmuls around a fp32 softmax (compiled: the
+    gather of the row's blocks feeds them directly, measured faster than SDPA there)."""
     B, S, H, nope = q_nope.shape
     r = a.kv_lora_rank
     w_uk, w_uv_t = absorb
     q_abs = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, nope), w_uk)  # [H,B*S,r]
     q = torch.cat([q_abs.view(H, B, S, r).permute(1, 2, 0, 3), q_pe], dim=-1).reshape(B, 1, S * H, -1)
     msk = mask if S == 1 else mask.repeat_interleave(H, dim=2)  # [B,1,S*H,T]
-    kv = kv[:, None]
-    o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=msk, scale=a.scale)
-    o = torch.bmm(o[:, 0, :, :r].reshape(B * S, H, r).transpose(0, 1), w_uv_t)  # [H,B*S,v]
+    if sdpa:
+        o = F.scaled_dot_product_attention(q, kv[:, None], kv[:, None], attn_mask=msk, scale=a.scale)[:, 0]
+    else:
+        s = torch.bmm(q[:, 0], kv.transpose(1, 2)).float() * a.scale  # [B,S*H,T]
+        p = s.masked_fill(~msk[:, 0], float("-inf")).softmax(-1).to(kv.dtype)
+        o = torch.bmm(p, kv[..., :r])  # [B,S*H,r]
+    o = torch.bmm(o[..., :r].reshape(B * S, H, r).transpose(0, 1), w_uv_t)  # [H,B*S,v]
     o = lin(o.transpose(0, 1).reshape(B, S, H * a.v_dim).to(q_nope.dtype), a.o_proj.weight)
     return o if a.o_proj.bias is None else o + a.o_proj.bias
 
@@ -101,16 +107,18 @@ def prepare_block(blk, stacked: tuple[torch.Tensor, torch.Tensor] | None) -> Sim
 class FusedStep:
     """Decode / verify step over the paged latent cache for S (small) new tokens per row."""
 
-    def __init__(self, model, stacked: dict[int, tuple[torch.Tensor, torch.Tensor]], gemv: bool = False):
+    def __init__(self, model, stacked: dict[int, tuple[torch.Tensor, torch.Tensor]], gemv: bool = False,
+                 gemv_rows: int = 4):
         self.m = model
-        self.gemv = gemv
+        self.gemv = gemv  # compiled: projections of <= gemv_rows tokens as reductions (see above)
+        self.gemv_rows = gemv_rows
         self.layers = [prepare_block(b, stacked.get(id(b.mlp))) for b in model.layers]
-        self.mtp = [prepare_block(md.block, stacked.get(id(md.block.mlp))) for md in model.mtp]
-        self.absorb = {id(p.attn): p.absorb for p in self.layers + self.mtp}
+        self.mtp_layers = [prepare_block(md.block, stacked.get(id(md.block.mlp))) for md in model.mtp]
+        self.absorb = {id(p.attn): p.absorb for p in self.layers + self.mtp_layers}
 
     # ---- primitives -----------------------------------------------------------------------
     def lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if not self.gemv:
+        if not self.gemv or x.numel() > self.gemv_rows * x.shape[-1]:
             return F.linear(x, w)
         if x.dtype == torch.float32:
             return (w * x[..., None, :]).sum(-1)
@@ -130,6 +138,16 @@ class FusedStep:
             h = self.block(p, h, rope, kv[i], write, read, mask, real, load)
         last = h if all_logits else h[:, -1:]
         return self.lin(m.norm(last), m.lm_head.weight), h, load
+
+    def mtp(self, k: int, h_prev, ids, pos, write, read, mask, kv_l, real, all_logits: bool = True):
+        """MTP module k at these positions (§2.2 eq. 21-23): h' = M_k[enorm(Emb(t)); hnorm(h_prev)],
+        one block over the module's own latent cache, logits through the shared head."""
+        m, mod = self.m, self.m.mtp[k]
+        x = self.lin(torch.cat([mod.enorm(m.embed_tokens(ids)), mod.hnorm(h_prev)], dim=-1), mod.eh_proj.weight)
+        load: list = []
+        x = self.block(self.mtp_layers[k], x, m.rotary(pos), kv_l, write, read, mask, real, load)
+        last = x if all_logits else x[:, -1:]
+        return self.lin(mod.norm(last), m.lm_head.weight), x, load
 
     def block(self, p, x, rope, kv_l, write, read, mask, real, load):
         x = x + self.attention(p, p.in_norm(x), rope, kv_l, write, read, mask)
@@ -154,7 +172,7 @@ class FusedStep:
         return self.attention_absorbed(a, q_nope, q_pe, kv_l[read].to(x.dtype), mask)
 
     def attention_absorbed(self, a, q_nope, q_pe, kv, mask) -> torch.Tensor:
-        return absorbed_attention(a, self.absorb[id(a)], q_nope, q_pe, kv, mask, self.lin)
+        return absorbed_attention(a, self.absorb[id(a)], q_nope, q_pe, kv, mask, self.lin, sdpa=not self.gemv)
 
     def moe(self, p, x, real, load) -> torch.Tensor:
         B, S, D = x.shape
@@ -169,7 +187,7 @@ class FusedStep:
         I = p.w2.shape[-1]
         if T * k < p.E:  # gathered: each token streams its k experts only
             w13, w2 = p.w13[idx], p.w2[idx]  # [T,k,2I,D], [T,k,D,I]
-            if self.gemv:
+            if self.gemv and T <= self.gemv_rows:
                 h = _gathered_gemv(flat[:, None, :], w13)
                 y = _gathered_gemv(F.silu(h[..., :I]) * h[..., I:], w2)
             else:

@@ -78,10 +78,15 @@ class ModelRunner:
         self.fused = FusedStep(model, {id(m): _stack_experts(m) for m in moes}, gemv=compile) \
             if static_moe or compile else None
         self._absorb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compiled = None
+        self.compiled = self.compiled_mtp = None
+        self.cuda = model.device.type == "cuda"
         if compile:
-            mode = "reduce-overhead" if model.device.type == "cuda" else None  # CUDA graphs on a GPU
+            # CPU: T (context length) is a dynamic dimension: one graph per batch bucket serves every
+            # length. GPU: CUDA graphs ("reduce-overhead") replay fixed shapes, so T is bucketed
+            # (`t_bucket`) instead of dynamic. (Not run on a GPU in this project yet.)
+            mode = "reduce-overhead" if self.cuda else None
             self.compiled = torch.compile(self.fused.__call__, dynamic=False, mode=mode)
+            self.compiled_mtp = torch.compile(self.fused.mtp, dynamic=False, mode=mode)
 
     # ---- main model ---------------------------------------------------------------------
     @torch.no_grad()
@@ -98,12 +103,21 @@ class ModelRunner:
         fn = self.fused
         if self.compiled is not None:
             fn = self.compiled
-            torch._dynamo.mark_dynamic(inp.read, 1)
-            torch._dynamo.mark_dynamic(inp.mask, 3)
+            self._mark(inp)
         logits, h, load = fn(inp.ids, inp.pos, inp.write, inp.read, inp.mask, self.pool.kv, real, all_logits)
         if load:
             self.expert_load[: self.n_main_moe] += torch.stack(load)
         return logits, h
+
+    @property
+    def t_bucket(self) -> int:
+        """Context lengths are padded to this multiple (compiled on a GPU: CUDA graphs per bucket)."""
+        return 256 if self.compiled is not None and self.cuda else 1
+
+    def _mark(self, inp: StepInput) -> None:
+        if not self.cuda:
+            torch._dynamo.mark_dynamic(inp.read, 1)
+            torch._dynamo.mark_dynamic(inp.mask, 3)
 
     def _forward_modules(self, inp: StepInput, real, load, all_logits: bool):
         m = self.model
@@ -121,23 +135,27 @@ class ModelRunner:
         """MTP module k (0-based) at inp's positions: h_prev [B,S,D] is its input hidden state at
         each position, inp.ids the token k+1 further ahead (§2.2 eq. 21-23). Its own latent cache is
         pool layer L + k. Returns (logits [B,S,V] (or last position), h^{k+1} [B,S,D])."""
-        m = self.model
-        mod = m.mtp[k]
-        rope = m.rotary(inp.pos)
-        x = mod.eh_proj(torch.cat([mod.enorm(m.embed_tokens(inp.ids)), mod.hnorm(h_prev)], dim=-1))
-        real = torch.arange(inp.ids.shape[0], device=x.device) < inp.n_real
-        load = torch.zeros_like(self.expert_load)
+        real = torch.arange(inp.ids.shape[0], device=inp.ids.device) < inp.n_real
+        if h_prev.shape[0] < inp.ids.shape[0]:  # padded batch rows
+            h_prev = torch.cat([h_prev, h_prev.new_zeros(inp.ids.shape[0] - h_prev.shape[0], *h_prev.shape[1:])])
         kv = self.pool.kv[self.L + k]
+        li = self.moe_index.get(id(self.model.mtp[k].block.mlp))
         if inp.ids.shape[1] > self.expand_min or self.fused is None:
-            x = self._block(mod.block, x, rope, kv, inp, real, load)
-        else:
-            lst: list = []
-            x = self.fused.block(self.fused.mtp[k], x, rope, kv, inp.write, inp.read, inp.mask, real, lst)
-            if lst:
-                load[self.moe_index[id(mod.block.mlp)]] += lst[0]
-        self.expert_load += load
-        last = x if all_logits else x[:, -1:]
-        return m.lm_head(mod.norm(last)), x
+            m, mod = self.model, self.model.mtp[k]
+            x = mod.eh_proj(torch.cat([mod.enorm(m.embed_tokens(inp.ids)), mod.hnorm(h_prev)], dim=-1))
+            load = torch.zeros_like(self.expert_load)
+            x = self._block(mod.block, x, m.rotary(inp.pos), kv, inp, real, load)
+            self.expert_load += load
+            last = x if all_logits else x[:, -1:]
+            return m.lm_head(mod.norm(last)), x
+        fn = self.fused.mtp
+        if self.compiled_mtp is not None:
+            fn = self.compiled_mtp
+            self._mark(inp)
+        logits, x, load = fn(k, h_prev, inp.ids, inp.pos, inp.write, inp.read, inp.mask, kv, real, all_logits)
+        if load:
+            self.expert_load[li] += load[0]
+        return logits, x
 
     # ---- one block through the model's modules ---------------------------------------------------
     def _block(self, blk, x, rope, kv_l, inp: StepInput, real, load):

@@ -64,12 +64,15 @@ class SpecDecoder:
             rs = [rows[i] for i in g]
             lens = [r.pending_h.shape[0] for r in rs]
             S = max(lens)
+            if run.compiled is not None and S <= K + 1:
+                S = K + 1  # one shape for every steady-state catch-up: one compiled graph
             ids = torch.zeros(len(rs), S, dtype=torch.long, device=dev)
             hp = torch.zeros(len(rs), S, eng.model.config.hidden_size, dtype=eng.model.dtype, device=dev)
             for j, r in enumerate(rs):
                 ids[j, : lens[j]] = torch.tensor(r.tokens[r.mtp_len + 1:], device=dev)
                 hp[j, : lens[j]] = r.pending_h
-            inp = step_input([r.mtp_len for r in rs], ids, [r.seq.table for r in rs], bs, lens=lens)
+            inp = step_input([r.mtp_len for r in rs], ids, [r.seq.table for r in rs], bs, lens=lens,
+                             pad_batch=eng.pad_batch(len(rs)), t_bucket=run.t_bucket)
             lg, hk = run.mtp_forward(0, hp, inp)
             for j, i in enumerate(g):
                 logits_1[i], h_last[i] = lg[j, lens[j] - 1], hk[j, lens[j] - 1]
@@ -81,12 +84,14 @@ class SpecDecoder:
         tables = [r.seq.table for r in rows]
         for k in range(1, K):
             ids = torch.tensor([[d[-1]] for d in drafts], device=dev)
-            inp = step_input([r.seq.length + k - 1 for r in rows], ids, tables, bs)
+            inp = step_input([r.seq.length + k - 1 for r in rows], ids, tables, bs,
+                             pad_batch=eng.pad_batch(len(rows)), t_bucket=run.t_bucket)
             lg, h_prev = run.mtp_forward(0, h_prev, inp)
             self._draft(rows, lg[:, -1], drafts, qs)
         # 3. verification of [t_n, d_1..d_K] in one forward
         ids = torch.tensor([[r.tokens[-1]] + d for r, d in zip(rows, drafts)], device=dev)
-        inp = step_input([r.seq.length for r in rows], ids, tables, bs, pad_batch=eng.pad_batch(len(rows)))
+        inp = step_input([r.seq.length for r in rows], ids, tables, bs, pad_batch=eng.pad_batch(len(rows)),
+                         t_bucket=run.t_bucket)
         logits, hid = run.forward(inp)
         # 4. acceptance, cache roll-back, commit
         for i, r in enumerate(rows):
