@@ -4,9 +4,11 @@ Design choices
 - What is cached is MLA's latent (§2.1.1): per token and layer the normalised c_KV
   (kv_lora_rank) and the rotated k_R (qk_rope_head_dim), side by side in one row, exactly the
   model's `LayerCache` layout, so a decode step scores both with one matmul.
-- The pool is one tensor [layers, blocks * block_size, r + rope]; a sequence owns a list of
+- The pool is one tensor [blocks * block_size, r + rope] per layer; a sequence owns a list of
   blocks (its block table, as in vLLM's PagedAttention), so sequences of any length join and
-  leave between steps without moving anyone else's cache. Layers after the main model's hold the
+  leave between steps without moving anyone else's cache. One tensor per layer, not one for all:
+  under torch.compile, writing into a view of a larger input is functionalised into a copy of
+  the whole input every step; writing into a whole input tensor stays in place. Layers after the main model's hold the
   MTP modules' caches (speculative decoding drafts attend over their own past, §2.2).
 - Blocks are reserved at admission for the whole request (prompt + max_tokens + draft
   look-ahead) and released when it finishes or its client disconnects: no preemption, no
@@ -29,7 +31,8 @@ class BlockPool:
                  dtype=torch.float32, device=None):
         self.block_size = block_size
         self.n_blocks = max(2, math.ceil(n_tokens / block_size) + 1)  # + the scratch block 0
-        self.kv = torch.zeros(n_layers, self.n_blocks * block_size, width, dtype=dtype, device=device)
+        self.kv = [torch.zeros(self.n_blocks * block_size, width, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
         self._free = list(range(self.n_blocks - 1, 0, -1))  # pop() hands out low ids first
 
     @property
@@ -44,7 +47,7 @@ class BlockPool:
         return math.ceil(n_tokens / self.block_size)
 
     def bytes_per_token(self) -> int:
-        return self.kv.shape[0] * self.kv.shape[2] * self.kv.element_size()
+        return len(self.kv) * self.kv[0].shape[1] * self.kv[0].element_size()
 
     def alloc(self, n_tokens: int) -> "SeqCache | None":
         """A block table holding n_tokens, or None when the pool lacks the blocks."""
@@ -68,7 +71,7 @@ class SeqCache:
     def __init__(self, pool: BlockPool, blocks: list[int]):
         self.pool = pool
         self.blocks = blocks
-        self.table = torch.tensor(blocks, dtype=torch.long, device=pool.kv.device)
+        self.table = torch.tensor(blocks, dtype=torch.long, device=pool.kv[0].device)
         self.length = 0  # positions 0..length-1 of the main layers are valid
 
     @property
@@ -83,14 +86,16 @@ class SeqCache:
         bs = self.pool.block_size
         return self.table[pos // bs] * bs + pos % bs
 
-    def export(self, n: int | None = None, layers: slice = slice(None)) -> torch.Tensor:
+    def export(self, n: int | None = None) -> torch.Tensor:
         """Latents of positions 0..n-1 as one contiguous tensor [layers, n, r + rope]."""
-        n = self.length if n is None else n
-        return self.pool.kv[layers, self.slots(0, n)].contiguous()
+        slots = self.slots(0, self.length if n is None else n)
+        return torch.stack([kv[slots] for kv in self.pool.kv])
 
-    def load(self, kv: torch.Tensor, layers: slice = slice(None)) -> None:
+    def load(self, kv: torch.Tensor) -> None:
         """Write latents [layers, n, r + rope] (an `export`) into positions 0..n-1."""
-        self.pool.kv[layers, self.slots(0, kv.shape[1])] = kv.to(self.pool.kv)
+        slots = self.slots(0, kv.shape[1])
+        for dst, src in zip(self.pool.kv, kv, strict=True):
+            dst[slots] = src.to(dst)
 
 
 def read_slots(tables: list[torch.Tensor], T: int, block_size: int) -> torch.Tensor:
