@@ -129,25 +129,24 @@ class FusedStep:
         return self.lin(F.silu(h[..., : mlp.inter]) * h[..., mlp.inter:], mlp.w2)
 
     # ---- the step ---------------------------------------------------------------------------
-    def __call__(self, ids, pos, write, read, mask, kv, real, all_logits: bool = True):
+    def __call__(self, ids, pos, write, read, mask, kv, real, last=None):
+        """Main layers; logits at every position, or (last [B] given) at each row's last one."""
         m = self.m
         rope = m.rotary(pos)
         h = m.embed_tokens(ids)
         load = []
         for i, p in enumerate(self.layers):
             h = self.block(p, h, rope, kv[i], write, read, mask, real, load)
-        last = h if all_logits else h[:, -1:]
-        return self.lin(m.norm(last), m.lm_head.weight), h, load
+        return self.lin(m.norm(h if last is None else at_last(h, last)), m.lm_head.weight), h, load
 
-    def mtp(self, k: int, h_prev, ids, pos, write, read, mask, kv_l, real, all_logits: bool = True):
+    def mtp(self, k: int, h_prev, ids, pos, write, read, mask, kv_l, real, last=None):
         """MTP module k at these positions (§2.2 eq. 21-23): h' = M_k[enorm(Emb(t)); hnorm(h_prev)],
         one block over the module's own latent cache, logits through the shared head."""
         m, mod = self.m, self.m.mtp[k]
         x = self.lin(torch.cat([mod.enorm(m.embed_tokens(ids)), mod.hnorm(h_prev)], dim=-1), mod.eh_proj.weight)
         load: list = []
         x = self.block(self.mtp_layers[k], x, m.rotary(pos), kv_l, write, read, mask, real, load)
-        last = x if all_logits else x[:, -1:]
-        return self.lin(mod.norm(last), m.lm_head.weight), x, load
+        return self.lin(mod.norm(x if last is None else at_last(x, last)), m.lm_head.weight), x, load
 
     def block(self, p, x, rope, kv_l, write, read, mask, real, load):
         x = x + self.attention(p, p.in_norm(x), rope, kv_l, write, read, mask)
@@ -196,13 +195,18 @@ class FusedStep:
             y = (y * w[..., None]).sum(1)
         else:  # dense: every expert on every token, zero gate off the top-k
             E, I2, _ = p.w13.shape
-            h = self.lin(flat, p.w13.view(E * I2, D)).view(T, E, I2)
+            h = F.linear(flat, p.w13.view(E * I2, D)).view(T, E, I2)  # a GEMM reads each expert once
             a = (F.silu(h[..., :I]) * h[..., I:]).transpose(0, 1)  # [E,T,I]
             ye = torch.bmm(a, p.w2.transpose(1, 2))  # [E,T,D]
             g = torch.zeros(T, E, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
             y = (ye * g.t()[..., None]).sum(0)
         y = y.view(B, S, D)
         return y if p.shared is None else y + self.swiglu(x, p.shared)
+
+
+def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """h [B,S,D] at column last[b] of each row -> [B,1,D] (a static-shape gather)."""
+    return h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))
 
 
 def _gathered_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

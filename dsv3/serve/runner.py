@@ -26,7 +26,7 @@ import torch
 from dsv3.model.moe import DeepSeekMoE
 from dsv3.model.transformer import DeepSeekV3
 from dsv3.serve.cache import BlockPool, read_slots
-from dsv3.serve.fused import FusedStep, absorb_weights, absorbed_attention
+from dsv3.serve.fused import FusedStep, absorb_weights, absorbed_attention, at_last
 
 
 @dataclass
@@ -37,6 +37,7 @@ class StepInput:
     read: torch.Tensor  # [B,T] pool rows of positions 0..T-1
     mask: torch.Tensor  # [B,1,S,T] bool, True = key visible to query
     n_real: int  # rows 0..n_real-1 are sequences, the rest padding
+    last: torch.Tensor  # [B] index of each row's last real column (where "last-position" logits are taken)
 
 
 def step_input(starts: list[int], ids: torch.Tensor, tables: list[torch.Tensor], block_size: int,
@@ -58,7 +59,8 @@ def step_input(starts: list[int], ids: torch.Tensor, tables: list[torch.Tensor],
     mask = torch.where(valid[..., None], keys <= pos[:, :, None], keys == 0)[:, None]  # [Bp,1,S,T]
     if Bp > B:
         ids = torch.cat([ids, ids.new_zeros(Bp - B, S)])
-    return StepInput(ids, pos, write.reshape(-1), read, mask, B)
+    last = torch.tensor([n - 1 for n in lens] + [0] * (Bp - B), device=dev)
+    return StepInput(ids, pos, write.reshape(-1), read, mask, B, last)
 
 
 class ModelRunner:
@@ -91,8 +93,8 @@ class ModelRunner:
     # ---- main model ---------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, inp: StepInput, all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the main layers over inp; returns (logits [B,S,V], or [B,1,V] for the last
-        position only, and the last hidden states [B,S,D] before the final norm)."""
+        """Run the main layers over inp; returns (logits [B,S,V], or [B,1,V] at each row's last
+        real position only, and the last hidden states [B,S,D] before the final norm)."""
         B, S = inp.ids.shape
         real = torch.arange(B, device=inp.ids.device) < inp.n_real
         if S > self.expand_min or self.fused is None:
@@ -104,7 +106,8 @@ class ModelRunner:
         if self.compiled is not None:
             fn = self.compiled
             self._mark(inp)
-        logits, h, load = fn(inp.ids, inp.pos, inp.write, inp.read, inp.mask, self.pool.kv, real, all_logits)
+        logits, h, load = fn(inp.ids, inp.pos, inp.write, inp.read, inp.mask, self.pool.kv, real,
+                             None if all_logits else inp.last)
         if load:
             self.expert_load[: self.n_main_moe] += torch.stack(load)
         return logits, h
@@ -125,8 +128,7 @@ class ModelRunner:
         h = m.embed_tokens(inp.ids)
         for i, blk in enumerate(m.layers):
             h = self._block(blk, h, rope, self.pool.kv[i], inp, real, load)
-        last = h if all_logits else h[:, -1:]
-        return m.lm_head(m.norm(last)), h
+        return m.lm_head(m.norm(h if all_logits else at_last(h, inp.last))), h
 
     # ---- MTP modules (speculative drafts, §2.2) -------------------------------------------------
     @torch.no_grad()
@@ -146,13 +148,13 @@ class ModelRunner:
             load = torch.zeros_like(self.expert_load)
             x = self._block(mod.block, x, m.rotary(inp.pos), kv, inp, real, load)
             self.expert_load += load
-            last = x if all_logits else x[:, -1:]
-            return m.lm_head(mod.norm(last)), x
+            return m.lm_head(mod.norm(x if all_logits else at_last(x, inp.last))), x
         fn = self.fused.mtp
         if self.compiled_mtp is not None:
             fn = self.compiled_mtp
             self._mark(inp)
-        logits, x, load = fn(k, h_prev, inp.ids, inp.pos, inp.write, inp.read, inp.mask, kv, real, all_logits)
+        logits, x, load = fn(k, h_prev, inp.ids, inp.pos, inp.write, inp.read, inp.mask, kv, real,
+                             None if all_logits else inp.last)
         if load:
             self.expert_load[li] += load[0]
         return logits, x

@@ -73,9 +73,9 @@ class SpecDecoder:
                 hp[j, : lens[j]] = r.pending_h
             inp = step_input([r.mtp_len for r in rs], ids, [r.seq.table for r in rs], bs, lens=lens,
                              pad_batch=eng.pad_batch(len(rs)), t_bucket=run.t_bucket)
-            lg, hk = run.mtp_forward(0, hp, inp)
+            lg, hk = run.mtp_forward(0, hp, inp, all_logits=False)  # logits at each row's last position
             for j, i in enumerate(g):
-                logits_1[i], h_last[i] = lg[j, lens[j] - 1], hk[j, lens[j] - 1]
+                logits_1[i], h_last[i] = lg[j, 0], hk[j, lens[j] - 1]
         for r in rows:
             r.mtp_len, r.pending_h = r.seq.length, None
         self._draft(rows, torch.stack(logits_1), drafts, qs)
