@@ -41,8 +41,9 @@ class ServeConfig(BaseModel):
     cache_tokens: int = Field(32768, gt=0)  # pool capacity in tokens (all sequences together)
     # speed
     speculative: int = Field(0, ge=0)  # MTP draft tokens per step (0 = off)
-    static_moe: bool = True  # static-shape MoE in decode steps (no data-dependent shapes)
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU)
+    compile: bool = False  # decode through the static-shape step under torch.compile (CUDA graphs on a GPU)
+    static_moe: bool = False  # the static-shape step without compiling (slower eagerly: the expert
+    #                           gather copies weights; eager decode otherwise runs the model's modules)
     # prefill / decode disaggregation
     pd: Literal["colocated", "disaggregated"] = "colocated"
     pd_worker: Literal["process", "ray", "thread"] = "process"

@@ -98,7 +98,7 @@ class Engine:
         layers = mc.num_hidden_layers + (1 if self.K else 0)
         self.pool = BlockPool(layers, cfg.cache_tokens, cfg.block_size, mc.kv_lora_rank + mc.qk_rope_head_dim,
                               dtype=model.dtype, device=model.device)
-        self.runner = ModelRunner(model, self.pool, static_moe=cfg.static_moe, compile=cfg.compile)
+        self.runner = ModelRunner(model, self.pool, static_moe=cfg.static_moe or cfg.compile, compile=cfg.compile)
         self.metrics = metrics or ServeMetrics()
         self.metrics.cache_total.set(self.pool.n_blocks - 1)
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -73,24 +73,22 @@ def load_model(uri: str, dtype: str = "float32", device: str = "cpu"):
     return model, tok, local, info
 
 
-def build_app(engine: Engine, served_name: str, info: dict | None = None) -> FastAPI:
-    app = FastAPI(title="dsv3 OpenAI-compatible server")
-    tok = engine.tok
-    info = info or {}
-    names = {served_name, info.get("uri")} - {None}
-    created = int(time.time())
+class OpenAIApp:
+    """The HTTP handlers over one engine (FastAPI routes are bound to these methods)."""
 
-    def tok_str(t: int) -> str:
+    def __init__(self, engine: Engine, served_name: str, info: dict | None = None):
+        self.engine, self.tok, self.name = engine, engine.tok, served_name
+        self.info = info or {}
+        self.names = {served_name, self.info.get("uri")} - {None}
+        self.created = int(time.time())
+
+    def tok_str(self, t: int) -> str:
         """A token as text; a token that is only part of a UTF-8 character is shown by its
         vocabulary string instead (so distinct tokens keep distinct keys in top_logprobs)."""
-        s = tok.decode([t])
-        return tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
+        s = self.tok.decode([t])
+        return self.tok.convert_ids_to_tokens(t) if "\ufffd" in s else s
 
-    @app.exception_handler(HTTPError)
-    async def _err(_, e: HTTPError):
-        return JSONResponse(error_body(e.message, e.type, e.param), status_code=e.status)
-
-    async def parse(request: HTTPRequest, cls):
+    async def parse(self, request: HTTPRequest, cls):
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -104,33 +102,32 @@ def build_app(engine: Engine, served_name: str, info: dict | None = None) -> Fas
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
             raise HTTPError(400, f"invalid request: {loc}: {first['msg']}", param=loc) from None
-        if req.model is not None and req.model not in names:
-            raise HTTPError(404, f"The model `{req.model}` does not exist; this server serves `{served_name}`.",
+        if req.model is not None and req.model not in self.names:
+            raise HTTPError(404, f"The model `{req.model}` does not exist; this server serves `{self.name}`.",
                             "NotFoundError", "model")
         bad = req.unsupported()
         if bad:
             raise HTTPError(400, f"`{bad}` is not supported by this server", param=bad)
         return req
 
-    def submit(items: list[tuple[list[int], object]]):
+    def submit(self, items: list[tuple[list[int], object]]):
+        """Submit one engine request per (prompt ids, params); outputs arrive as (index, Output)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         reqs = []
         try:
             for i, (ids, params) in enumerate(items):
                 sink = (lambda out, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, out)))
-                reqs.append(engine.submit(Request(ids, params, sink)))
-        except QueueFull as e:
+                reqs.append(self.engine.submit(Request(ids, params, sink)))
+        except (QueueFull, RequestError) as e:
             for r in reqs:
-                engine.abort(r)
-            raise HTTPError(429, str(e), "rate_limit_exceeded") from None
-        except RequestError as e:
-            for r in reqs:
-                engine.abort(r)
+                self.engine.abort(r)
+            if isinstance(e, QueueFull):
+                raise HTTPError(429, str(e), "rate_limit_exceeded") from None
             raise HTTPError(400, str(e)) from None
         return reqs, q
 
-    async def events(reqs, q, request: HTTPRequest | None):
+    async def events(self, reqs, q, request: HTTPRequest | None):
         """(index, Output) until every request finished; aborts them if the client goes away."""
         left = len(reqs)
         try:
@@ -138,138 +135,132 @@ def build_app(engine: Engine, served_name: str, info: dict | None = None) -> Fas
                 try:
                     i, out = await asyncio.wait_for(q.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if engine.error is not None:
-                        raise HTTPError(500, f"engine failed: {engine.error!r}", "server_error") from None
+                    if self.engine.error is not None:
+                        raise HTTPError(500, f"engine failed: {self.engine.error!r}", "server_error") from None
                     if request is not None and await request.is_disconnected():
                         return
                     continue
-                if out.finish_reason is not None:
-                    left -= 1
+                left -= out.finish_reason is not None
                 if out.finish_reason == "error":
-                    raise HTTPError(500, f"engine failed: {engine.error!r}", "server_error")
+                    raise HTTPError(500, f"engine failed: {self.engine.error!r}", "server_error")
                 yield i, out
         finally:
             for r in reqs:
                 if not r.finished:
-                    engine.abort(r)
+                    self.engine.abort(r)
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
+    async def collect(self, reqs, q, request, merged: list[Output]) -> bool:
+        async for i, out in self.events(reqs, q, request):
+            _merge(merged[i], out)
+        return all(m.finish_reason is not None for m in merged)  # False: the client went away
 
     # ---- /v1/completions ----------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        req = await parse(request, CompletionRequest)
-        prompts = [p if isinstance(p, list) else tok.encode(p) for p in req.prompts()]
-        params = req.sampling(req.max_tokens if req.max_tokens is not None else engine.cfg.default_max_tokens,
+    async def completions(self, request: HTTPRequest):
+        req = await self.parse(request, CompletionRequest)
+        prompts = [p if isinstance(p, list) else self.tok.encode(p) for p in req.prompts()]
+        params = req.sampling(req.max_tokens if req.max_tokens is not None else self.engine.cfg.default_max_tokens,
                               req.logprobs, req.echo)
         items = [(ids, _seeded(params, j)) for ids in prompts for j in range(req.n)]
-        reqs, q = submit(items)
-        rid, model = f"cmpl-{uuid.uuid4().hex}", served_name
+        reqs, q = self.submit(items)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": self.created,
+                "model": self.name}
+        prefix = [self.tok.decode(ids) if req.echo else "" for ids, _ in items]
+        n_prompt = sum(len(ids) for ids, _ in items)
 
-        def prefix(i: int) -> str:
-            return tok.decode(items[i][0]) if req.echo else ""
-
-        def lp_of(i: int, out: Output, offset: int) -> dict | None:
+        def lp_of(out: Output, offset: int) -> dict | None:
             if req.logprobs is None:
                 return None
-            lps = (out.prompt_logprobs or []) + (out.logprobs or [])
-            return completion_logprobs(tok_str, lps, offset)
+            return completion_logprobs(self.tok_str, (out.prompt_logprobs or []) + (out.logprobs or []), offset)
 
         if req.stream:
             async def gen():
-                sent = [0] * len(items)
-                comp = [0] * len(items)
-                first = [True] * len(items)
-                async for i, out in events(reqs, q, None):
-                    text = (prefix(i) if first[i] else "") + out.text
-                    first[i] = False
-                    comp[i] = out.completion_tokens
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [{"index": i, "text": text, "logprobs": lp_of(i, out, sent[i]),
-                                            "finish_reason": out.finish_reason}]})
+                sent, comp, first = [0] * len(items), [0] * len(items), [True] * len(items)
+                async for i, out in self.events(reqs, q, None):
+                    text = (prefix[i] if first[i] else "") + out.text
+                    first[i], comp[i] = False, out.completion_tokens
+                    yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp_of(out, sent[i]),
+                                                     "finish_reason": out.finish_reason}]})
                     sent[i] += len(text)
                 if req.include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": usage(sum(len(x[0]) for x in items), sum(comp))})
+                    yield _sse({**head, "choices": [], "usage": usage(n_prompt, sum(comp))})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(gen(), media_type="text/event-stream")
-
         merged = [Output(logprobs=[] if req.logprobs is not None else None) for _ in items]
-        async for i, out in events(reqs, q, request):
-            _merge(merged[i], out)
-        if any(m.finish_reason is None for m in merged):
+        if not await self.collect(reqs, q, request, merged):
             return Response(status_code=499)  # client went away
-        choices = [{"index": i, "text": prefix(i) + m.text, "logprobs": lp_of(i, m, 0),
-                    "finish_reason": m.finish_reason} for i, m in enumerate(merged)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "usage": usage(sum(len(x[0]) for x in items), sum(m.completion_tokens for m in merged))}
+        choices = [{"index": i, "text": prefix[i] + m.text, "logprobs": lp_of(m, 0), "finish_reason": m.finish_reason}
+                   for i, m in enumerate(merged)]
+        return {**head, "choices": choices, "usage": usage(n_prompt, sum(m.completion_tokens for m in merged))}
 
     # ---- /v1/chat/completions -----------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat(request: HTTPRequest):
+    async def chat(self, request: HTTPRequest):
         from dsv3.posttrain.chat import apply_chat_template
 
-        req = await parse(request, ChatRequest)
+        req = await self.parse(request, ChatRequest)
         try:
-            ids = apply_chat_template(tok, req.dicts(), add_generation_prompt=True)
+            ids = apply_chat_template(self.tok, req.dicts(), add_generation_prompt=True)
         except ValueError as e:
             raise HTTPError(400, f"cannot apply the chat template: {e}") from None
-        mt = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(ids))
-        params = req.sampling(mt, (req.top_logprobs or 0) if req.logprobs else None)
-        items = [(ids, _seeded(params, j)) for j in range(req.n)]
-        reqs, q = submit(items)
-        rid, model = f"chatcmpl-{uuid.uuid4().hex}", served_name
-        lp = (lambda out: chat_logprobs(tok_str, out.logprobs or [])) if req.logprobs else (lambda out: None)
-
+        mt = req.max_completion_tokens or req.max_tokens or max(1, self.engine.max_model_len - len(ids))
+        items = [(ids, _seeded(req.sampling(mt, (req.top_logprobs or 0) if req.logprobs else None), j))
+                 for j in range(req.n)]
+        reqs, q = self.submit(items)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": self.created, "model": self.name}
+        lp = (lambda out: chat_logprobs(self.tok_str, out.logprobs or [])) if req.logprobs else (lambda out: None)
         if req.stream:
             async def gen():
-                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+                base = {**head, "object": "chat.completion.chunk"}
                 for i in range(len(items)):
-                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
+                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
                 comp = [0] * len(items)
-                async for i, out in events(reqs, q, None):
+                async for i, out in self.events(reqs, q, None):
                     comp[i] = out.completion_tokens
-                    delta = {"content": out.text} if out.text else {}
-                    yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp(out),
-                                                    "finish_reason": out.finish_reason}]})
+                    yield _sse({**base, "choices": [{"index": i, "delta": {"content": out.text} if out.text else {},
+                                                     "logprobs": lp(out), "finish_reason": out.finish_reason}]})
                 if req.include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(len(ids) * len(items), sum(comp))})
+                    yield _sse({**base, "choices": [], "usage": usage(len(ids) * len(items), sum(comp))})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(gen(), media_type="text/event-stream")
-
         merged = [Output(logprobs=[] if req.logprobs else None) for _ in items]
-        async for i, out in events(reqs, q, request):
-            _merge(merged[i], out)
-        if any(m.finish_reason is None for m in merged):
+        if not await self.collect(reqs, q, request, merged):
             return Response(status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": m.text}, "logprobs": lp(m),
                     "finish_reason": m.finish_reason} for i, m in enumerate(merged)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+        return {**head, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(ids) * len(items), sum(m.completion_tokens for m in merged))}
 
     # ---- the rest -------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": served_name, "object": "model", "created": created, "owned_by": "dsv3",
-                "max_model_len": engine.max_model_len}
-        for k in ("uri", "version", "run_id"):
-            if info.get(k) is not None:
-                card[k] = info[k]
+    async def models(self):
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "dsv3",
+                "max_model_len": self.engine.max_model_len}
+        card.update({k: self.info[k] for k in ("uri", "version", "run_id") if self.info.get(k) is not None})
         return {"object": "list", "data": [card]}
 
-    @app.get("/health")
-    async def health():
-        if engine.error is not None:
-            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
+    async def health(self):
+        if self.engine.error is not None:
+            return JSONResponse({"status": "error", "error": repr(self.engine.error)}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics(self):
+        return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def build_app(engine: Engine, served_name: str, info: dict | None = None) -> FastAPI:
+    api = OpenAIApp(engine, served_name, info)
+    app = FastAPI(title="dsv3 OpenAI-compatible server")
+    app.add_exception_handler(HTTPError, lambda _, e: JSONResponse(error_body(e.message, e.type, e.param),
+                                                                   status_code=e.status))
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.metrics, methods=["GET"])
     return app
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 def _seeded(params, j: int):

@@ -40,7 +40,7 @@ def trained(trained_dir):
 def test_speculative_greedy_equals_plain_greedy(trained, trained_dir, K):
     model, tok, _, _ = trained
     ref = DeepSeekV3.from_pretrained(trained_dir).eval()
-    eng = Engine(model, tok, ServeConfig(speculative=K, **CFG))
+    eng = Engine(model, tok, ServeConfig(speculative=K, static_moe=K == 2, **CFG))  # both decode paths
     g = torch.Generator().manual_seed(K)
     prompts = [[100, 102, 104], [130, 131, 132, 133, 134], [160, 161]] + \
         [torch.randint(0, 400, (n,), generator=g).tolist() for n in (4, 9, 1)]  # off-distribution: rejections
