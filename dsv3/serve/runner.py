@@ -183,7 +183,7 @@ class ModelRunner:
         new = torch.cat([c_kv.to(kv_l.dtype), k_pe.squeeze(2).to(kv_l.dtype)], dim=-1)
         kv_l.index_copy_(0, inp.write, new.reshape(B * S, -1))
         kv = kv_l[inp.read].to(x.dtype)  # [B,T,r+rope]
-        if S > 1:  # the model's multi-token path: expand the latents once, then SDPA
+        if S > self.expand_min:  # a prompt: the model's path, expand the latents once, then SDPA
             return attn._attend_expanded(q_nope, q_pe, kv[..., :r], kv[..., r:], inp.mask)
         if id(attn) not in self._absorb:
             self._absorb[id(attn)] = absorb_weights(attn)
