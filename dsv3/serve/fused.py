@@ -120,9 +120,11 @@ class FusedStep:
     def lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if not self.gemv or x.numel() > self.gemv_rows * x.shape[-1]:
             return F.linear(x, w)
-        if x.dtype == torch.float32:
-            return (w * x[..., None, :]).sum(-1)
-        return (w.float() * x.float()[..., None, :]).sum(-1).to(x.dtype)  # fp32 accumulation, as BLAS
+        rows = x.reshape(-1, x.shape[-1])  # [R,in]
+        wf, rf = (w, rows) if x.dtype == torch.float32 else (w.float(), rows.float())  # fp32 accumulation
+        # [out, R]: the R rows are reduced against each weight row while it is in cache (one pass over w)
+        y = (wf[:, None, :] * rf[None]).sum(-1).t()
+        return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
     def swiglu(self, x, mlp) -> torch.Tensor:
         h = self.lin(x, mlp.w13)

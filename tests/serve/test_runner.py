@@ -125,3 +125,25 @@ def test_pool_blocks_released_and_reused(model):
     assert pool.used_blocks == 5 and pool.alloc(40) is None  # 8 usable blocks
     pool.release(a)
     assert pool.used_blocks == 0 and pool.alloc(64) is not None
+
+
+def test_gemv_form_of_the_static_step(model):
+    """The reductions the compiled step uses (gemv=True, here run eagerly) give the same logits
+    for 1..4 tokens per row as the GEMM form, including verification steps of several tokens."""
+    pool = _pool(model)
+    run = ModelRunner(model, pool, static_moe=True)
+    s = pool.alloc(32)
+    p = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(3))
+    run.forward(step_input([0], p, [s.table], 8))
+    for S in (1, 2, 4):
+        ids = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(S))
+        s2 = pool.alloc(32)
+        run.forward(step_input([0], p, [s2.table], 8))
+        inp = step_input([10, 10], ids, [s.table, s2.table], 8)
+        run.fused.gemv = False
+        ref, _ = run.forward(inp)
+        run.fused.gemv = True
+        got, _ = run.forward(inp)
+        run.fused.gemv = False
+        torch.testing.assert_close(got, ref, atol=5e-5, rtol=1e-5)
+        pool.release(s2)
