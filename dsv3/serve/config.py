@@ -36,6 +36,7 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, gt=0)  # prompt + completion tokens; None: max_position_embeddings
     max_prompt_tokens: int | None = Field(None, gt=0)  # None: max_model_len - 1
     default_max_tokens: int = Field(16, gt=0)  # OpenAI's default for /v1/completions
+    prefill_budget: int = Field(2048, gt=0)  # prompt tokens prefilled per iteration (colocated; >= 1 prompt)
     # latent cache
     block_size: int = Field(16, gt=0)
     cache_tokens: int = Field(32768, gt=0)  # pool capacity in tokens (all sequences together)

@@ -6,8 +6,10 @@ Design choices
   two steps sequences join (after their prefill) and leave (finished or aborted); their cache
   blocks are released at once, so the next waiting request can be admitted.
 - A request is admitted when a batch slot is free and its blocks (prompt + max_tokens + draft
-  look-ahead) can be reserved; its prefill then runs here (`pd=colocated`) or in a prefill
-  worker (`pd=disaggregated`, pd.py) that hands back the latent cache.
+  look-ahead) can be reserved; its prefill then runs here (`pd=colocated`, at most
+  `prefill_budget` prompt tokens per iteration, so that a burst of arrivals does not stall the
+  running sequences for all of their prompts at once) or in a prefill worker
+  (`pd=disaggregated`, pd.py) that hands back the latent cache.
 - Each iteration runs one decode step for the whole batch: one token per sequence, or with
   speculation (spec.py) MTP drafts plus one verification forward (§2.2, §5.4.3).
 - Outputs are pushed to each request's sink as `Output` deltas (text, token ids, logprobs,
@@ -235,10 +237,14 @@ class Engine:
         self.running = [r for r in self.running if not r.finished]
 
     def _admit(self) -> None:
+        budget = self.cfg.prefill_budget  # prompt tokens prefilled here per iteration (at least one prompt)
         while True:
             with self.lock:
                 if not self.waiting or len(self.running) + len(self.prefilling) >= self.cfg.max_batch:
                     return
+                if self.prefiller is None and budget < len(self.waiting[0].prompt) and \
+                        budget < self.cfg.prefill_budget:
+                    return  # the rest waits one decode step: running sequences are not stalled longer
                 req = self.waiting[0]
                 seq = self.pool.alloc(len(req.prompt) + req.params.max_tokens + self.K + 1)
                 if seq is None:
@@ -257,6 +263,7 @@ class Engine:
 
                 res = prefill(self.runner, seq, req.prompt, self._want_prompt_lp(req), spec=bool(self.K))
                 self._start(req, res)
+                budget -= len(req.prompt)
 
     def _want_prompt_lp(self, req: Request) -> int | None:
         return req.params.logprobs if req.params.echo and req.params.logprobs is not None else None

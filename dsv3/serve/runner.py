@@ -87,6 +87,11 @@ class ModelRunner:
             # length. GPU: CUDA graphs ("reduce-overhead") replay fixed shapes, so T is bucketed
             # (`t_bucket`) instead of dynamic. (Not run on a GPU in this project yet.)
             mode = "reduce-overhead" if self.cuda else None
+            # one graph per (batch bucket, tokens per row, runner): far more than dynamo's default
+            # cache of 8 per function, past which it would silently run the step eagerly
+            dyn = torch._dynamo.config
+            dyn.cache_size_limit = max(dyn.cache_size_limit, 256)
+            dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 1024)
             self.compiled = torch.compile(self.fused.__call__, dynamic=False, mode=mode)
             self.compiled_mtp = torch.compile(self.fused.mtp, dynamic=False, mode=mode)
 

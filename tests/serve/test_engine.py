@@ -140,3 +140,18 @@ def test_engine_thread_serves_concurrent_clients(loaded):
         eng.stop()
     assert got == solo
     assert eng.metrics.steps._value.get() > 0 and eng.pool.used_blocks == 0
+
+
+def test_prefill_budget_interleaves_admissions_with_decode_steps(loaded):
+    model, tok, _, _ = loaded
+    eng = Engine(model, tok, ServeConfig(max_batch=8, prefill_budget=20, **CFG))
+    first = eng.submit(Request(list(range(10, 18)), _greedy(30)))
+    eng.step()
+    for i in range(4):
+        eng.submit(Request(list(range(20 + i, 32 + i)), _greedy(5)))  # 12-token prompts
+    counts = []
+    for _ in range(3):
+        n0 = len(first.generated)
+        eng.step()
+        counts.append((len(eng.running), len(first.generated) - n0))
+    assert counts == [(2, 1), (3, 1), (4, 1)]  # one 12-token prompt per step (budget 20), and a decode step each
