@@ -52,7 +52,7 @@ def prefill(runner: ModelRunner, seq: SeqCache, prompt: list[int], want_lp: int 
     P = len(prompt)
     ids = torch.tensor([prompt], device=dev)
     bs = runner.pool.block_size
-    logits, h = runner.forward(step_input([0], ids, [seq.table], bs), all_logits=want_lp is not None)
+    logits, h = runner.forward(step_input([0], ids, [seq.table], bs), all_logits=want_lp is not None, prompt=True)
     seq.length = P
     prompt_lp = None
     if want_lp is not None:
@@ -66,7 +66,8 @@ def prefill(runner: ModelRunner, seq: SeqCache, prompt: list[int], want_lp: int 
     mtp_len, pending = 0, None
     if spec:
         if P > 1:  # MTP module over positions 0..P-2: h_i with the embedding of token i+1 (§2.2)
-            runner.mtp_forward(0, h[:, : P - 1], step_input([0], ids[:, 1:], [seq.table], bs), all_logits=False)
+            runner.mtp_forward(0, h[:, : P - 1], step_input([0], ids[:, 1:], [seq.table], bs), all_logits=False,
+                               prompt=True)
         mtp_len, pending = P - 1, h[0, P - 1:].clone()
     return Prefilled(logits[0, -1].float().clone(), prompt_lp, mtp_len, pending)
 

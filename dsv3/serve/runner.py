@@ -97,12 +97,15 @@ class ModelRunner:
 
     # ---- main model ---------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, inp: StepInput, all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inp: StepInput, all_logits: bool = True, prompt: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the main layers over inp; returns (logits [B,S,V], or [B,1,V] at each row's last
-        real position only, and the last hidden states [B,S,D] before the final norm)."""
+        real position only, and the last hidden states [B,S,D] before the final norm). Prompts
+        (`prompt=True`, or more than expand_min tokens) run through the model's modules: their
+        lengths vary, and a compiled step keeps one graph per decode shape."""
         B, S = inp.ids.shape
         real = torch.arange(B, device=inp.ids.device) < inp.n_real
-        if S > self.expand_min or self.fused is None:
+        if prompt or S > self.expand_min or self.fused is None:
             load = torch.zeros_like(self.expert_load)
             logits, h = self._forward_modules(inp, real, load, all_logits)
             self.expert_load += load
@@ -137,8 +140,8 @@ class ModelRunner:
 
     # ---- MTP modules (speculative drafts, §2.2) -------------------------------------------------
     @torch.no_grad()
-    def mtp_forward(self, k: int, h_prev: torch.Tensor, inp: StepInput, all_logits: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, inp: StepInput, all_logits: bool = True,
+                    prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module k (0-based) at inp's positions: h_prev [B,S,D] is its input hidden state at
         each position, inp.ids the token k+1 further ahead (§2.2 eq. 21-23). Its own latent cache is
         pool layer L + k. Returns (logits [B,S,V] (or last position), h^{k+1} [B,S,D])."""
@@ -147,7 +150,7 @@ class ModelRunner:
             h_prev = torch.cat([h_prev, h_prev.new_zeros(inp.ids.shape[0] - h_prev.shape[0], *h_prev.shape[1:])])
         kv = self.pool.kv[self.L + k]
         li = self.moe_index.get(id(self.model.mtp[k].block.mlp))
-        if inp.ids.shape[1] > self.expand_min or self.fused is None:
+        if prompt or inp.ids.shape[1] > self.expand_min or self.fused is None:
             m, mod = self.model, self.model.mtp[k]
             x = mod.eh_proj(torch.cat([mod.enorm(m.embed_tokens(inp.ids)), mod.hnorm(h_prev)], dim=-1))
             load = torch.zeros_like(self.expert_load)

@@ -58,7 +58,7 @@ class SpecDecoder:
         # 1. catch-up over the pending positions, in groups: short ones batched, long ones alone
         h_last = [None] * len(rows)
         logits_1 = [None] * len(rows)
-        short = [i for i, r in enumerate(rows) if r.pending_h.shape[0] <= run.expand_min]
+        short = [i for i, r in enumerate(rows) if r.pending_h.shape[0] <= K + 1]  # always, after prefill()
         groups = ([short] if short else []) + [[i] for i in range(len(rows)) if i not in short]
         for g in groups:
             rs = [rows[i] for i in g]
@@ -73,7 +73,7 @@ class SpecDecoder:
                 hp[j, : lens[j]] = r.pending_h
             inp = step_input([r.mtp_len for r in rs], ids, [r.seq.table for r in rs], bs, lens=lens,
                              pad_batch=eng.pad_batch(len(rs)), t_bucket=run.t_bucket)
-            lg, hk = run.mtp_forward(0, hp, inp, all_logits=False)  # logits at each row's last position
+            lg, hk = run.mtp_forward(0, hp, inp, all_logits=False, prompt=S > K + 1)  # logits at rows' last position
             for j, i in enumerate(g):
                 logits_1[i], h_last[i] = lg[j, 0], hk[j, lens[j] - 1]
         for r in rows:
