@@ -12,7 +12,7 @@ CONFIG ?= configs/pretrain_small.yaml
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data eval-data-ready posttrain bench mlflow-ui \
+.PHONY: help sysdeps install test test-fast pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
 	prefect-ui deploy deploy-down screenshots clean stack-up stack-down stack-status stack-env
 
 help: ## list the targets
@@ -55,6 +55,10 @@ eval: $(STAMP) eval-data-ready ## evaluate the latest checkpoint (CKPT=..., LIMI
 
 posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
 	$(BIN)/python -m flows.posttrain
+
+MODEL ?= models:/dsv3-chat@champion
+serve: $(STAMP) ## OpenAI-compatible server on the champion chat model (MODEL=..., ARGS="--port 8000 ...")
+	$(BIN)/dsv3 serve $(MODEL) $(ARGS)
 
 bench: $(STAMP) ## run the benchmark scripts (print figures)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
