@@ -32,13 +32,16 @@ def test_compiled_engine_equals_generate(trained_dir):
     for i, p in enumerate(prompts):
         assert outs[i] == ref.generate(torch.tensor([p]), 20)[0, len(p):].tolist(), i
     assert eng.spec.stats()["serve/spec_tokens_per_step"] > 1.3
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import guard_failures
 
-    graphs = counters["stats"]["unique_graphs"]
-    for p in ([100, 102, 104, 106, 108, 110, 112], list(range(101, 131))):  # other lengths, same batch bucket
+    guard_failures.clear()
+    for p in ([100, 102, 104, 106, 108, 110, 112], list(range(101, 131))):  # other context lengths
         eng.submit(Request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                            sink=lambda o: None))
     eng.submit(Request([7, 8], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), sink=lambda o: None))
     while eng.waiting or eng.running:
         eng.step()
-    assert counters["stats"]["unique_graphs"] == graphs
+    # new batch buckets (rows join and finish at different steps) may compile; a new context length
+    # (the cache rows read, the mask's last dimension) never does: T is dynamic on CPU
+    reasons = [r for rs in guard_failures.values() for r in rs]
+    assert not [r for r in reasons if "'read'" in r or "'mask'" in r], reasons
