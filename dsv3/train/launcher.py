@@ -63,6 +63,18 @@ def _worker_config(cfg, n_workers: int):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
+def n_workers(cfg, num_workers: int | None = None) -> int:
+    return int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
+
+
+def start_ray(cfg, num_workers: int | None = None, address: str | None = None) -> None:
+    """Start (or connect to) Ray the way `run_training` needs it: a local instance with a CPU per
+    worker and one for the driver, unless `address` / $RAY_ADDRESS names a cluster. A no-op when
+    Ray is up already, so a flow can start it as its own retried step before training."""
+    n = n_workers(cfg, num_workers)
+    ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+
+
 def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = None, resume: bool = False,
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
@@ -77,10 +89,10 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         import torch
 
         use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else torch.cuda.is_available()
-    n = int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
+    n = n_workers(cfg, num_workers)
     check_layout(cfg, n)  # fail before starting Ray (pp not dividing the workers, odd DualPipe, ep, ...)
     cfg = _worker_config(cfg, n)
-    ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+    start_ray(cfg, n, address)
     out = Path(cfg.train.out_dir)
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS") if k in os.environ}
     if "MLFLOW_TRACKING_URI" not in env:
