@@ -59,16 +59,17 @@ def validate_data(repo: str, cfg: DataConfig) -> dict:
     return {"success": rep.success, "docs": rep.docs_path, "suites": rep.results}
 
 
-@task
-def track(repo: str, cfg: DataConfig, validation: dict) -> dict:
+@task(retries=2, retry_delay_seconds=5)
+def track(repo: str, cfg: DataConfig, validation: dict, parent_run_id: str | None = None,
+          tags: dict | None = None) -> dict:
     from dsv3 import tracking
 
     data = Path(repo) / "data"
     digest = version.data_digest(data / "shards", repo)
     outs = version.lock_outs(repo, DATA_STAGES)
     metrics = report.metrics(data)
-    with tracking.start_run({"data": cfg.model_dump(mode="json")}, stage="data",
-                            tags={"dvc_data_digest": digest}) as run:
+    with tracking.start_run({"data": cfg.model_dump(mode="json")}, stage="data", parent_run_id=parent_run_id,
+                            tags={**(tags or {}), "dvc_data_digest": digest}) as run:
         tracking.log_dataset_input(digest, name="dsv3-data", source=str((data / "shards").resolve()),
                                    context="curation")
         tracking.log_metrics(metrics)
@@ -81,8 +82,10 @@ def track(repo: str, cfg: DataConfig, validation: dict) -> dict:
 
 
 @flow(name="data", log_prints=True)
-def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bool = True) -> dict:
-    """Curate -> tokenizer -> shards with DVC, validate with GX, log version + stats."""
+def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bool = True,
+              parent_run_id: str | None = None, tags: dict | None = None) -> dict:
+    """Curate -> tokenizer -> shards with DVC, validate with GX, log version + stats (the MLflow run
+    nested under `parent_run_id` when given, with `tags` added)."""
     repo = str(Path(repo).resolve())
     if cfg is not None:
         write_params(repo, cfg)
@@ -90,7 +93,7 @@ def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bo
         cfg = load_data_config(_params(repo))
     dvc_repro(repo)
     validation = validate_data(repo, cfg) if run_validation else {"success": True, "docs": None}
-    out = track(repo, cfg, validation)
+    out = track(repo, cfg, validation, parent_run_id, tags)
     return {**out, "validation": validation}
 
 
