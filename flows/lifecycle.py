@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return config_error_exit(e, "flows.lifecycle")
     t0 = time.time()
     res = lifecycle_flow(cfg, force=a.force)
-    print(Path(res["report"]["markdown"]).read_text())
+    print(Path(res["report"]["markdown"]).read_text().split("<details>")[0])
     print(f"lifecycle finished in {(time.time() - t0) / 60:.1f} min; MLflow run {res['run_id']}; "
           f"report {res['report']['markdown']} + {res['report']['png']}")
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from dsv3 import tracking
 
 STAGE_TAG, GATE_TAG = "lifecycle.stage.", "lifecycle.gate."
+STAGE_OF = {"base": "pretrain", "long": "extend", "chat": "posttrain"}
 HEADLINE = ("eval/bpb", "eval/arith/acc", "eval/mmlu/acc", "eval/drop/f1", "eval/drop/em",
             "eval/humaneval/pass_at_1")
 CURVES = (  # (panel, stage, run name in the stage's run tree, metric)
@@ -64,14 +65,14 @@ def collect(run_id: str) -> dict:
     for rec in stages.values():
         if rec.get("model_run_id"):
             rec["train_s"] = _seconds(tracking.run_info(rec["model_run_id"]))
-    evals = {}
-    for label, rec in _json_tags(tags, "lifecycle.eval.").items():
+    evals, eval_records = {}, _json_tags(tags, "lifecycle.eval.")
+    for label, rec in eval_records.items():
         m = tracking.run_info(rec["run_id"]).data.metrics
         evals[f"{label}: {rec['model_uri'].removeprefix('models:/')}"] = {
             k: v for k, v in m.items() if k in HEADLINE or (k.endswith("_stderr") and k[:-7] in HEADLINE)}
     return {"run_id": run_id, "name": run.data.tags.get("mlflow.runName", run_id), "tags": tags,
             "params": run.data.params, "metrics": run.data.metrics, "stages": stages, "gates": gates,
-            "curves": curves, "evals": evals, "wall_s": _seconds(run) or run.data.metrics.get("lifecycle/wall_s")}
+            "curves": curves, "evals": evals, "eval_records": eval_records, "wall_s": _seconds(run) or run.data.metrics.get("lifecycle/wall_s")}
 
 
 def _fmt_s(s: float | None) -> str:
@@ -107,32 +108,56 @@ def markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _eval_table(ax, card: dict) -> None:
+    """Every stage model's headline metrics side by side, drawn as a table."""
+    ax.axis("off")
+    cols = list(card["evals"])
+    keys = [k for k in HEADLINE if any(k in m for m in card["evals"].values())]
+    if not cols or not keys:
+        ax.text(0.5, 0.5, "no evaluations", ha="center")
+        return
+    cells = [[("—" if k not in card["evals"][c] else f"{card['evals'][c][k]:.4f}") for c in cols] for k in keys]
+    t = ax.table(cellText=cells, rowLabels=[k.removeprefix("eval/") for k in keys],
+                 colLabels=[c.replace(": ", "\n") for c in cols], loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.scale(1, 1.6)
+
+
+def _text(ax, card: dict) -> None:
+    """Commit, data digest and the gate decisions, as text."""
+    ax.axis("off")
+    t = card["tags"]
+    lines = [f"git {t.get('git_commit', '—')[:12]}   data {t.get('dvc_data_digest', '—')[:12]}",
+             f"wall time {_fmt_s(card['metrics'].get('lifecycle/wall_s'))}", "", "gates:"]
+    for stage, g in card["gates"].items():
+        lines.append(f"{stage}: {'PROMOTED' if g['promote'] else 'kept'} {g['candidate'].removeprefix('models:/')}")
+        lines.append(f"   {g['reason'][:70]}")
+    ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
+
+
 def figure(card: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(card["curves"]) + ["evaluation", "wall time"]
+    panels = list(card["curves"]) + ["evaluation", "wall time", "summary"]
     cols = 3
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         ax.set_title(panel)
         if panel == "evaluation":
-            keys = [k for k in HEADLINE if any(k in m for m in card["evals"].values())]
-            width = 0.8 / max(1, len(card["evals"]))
-            for i, (label, m) in enumerate(card["evals"].items()):
-                ax.bar([j + i * width for j in range(len(keys))], [m.get(k, 0.0) for k in keys], width,
-                       label=label.split(":")[0])
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [k.removeprefix("eval/") for k in keys],
-                          fontsize=7)
-            ax.legend(fontsize=7)
+            _eval_table(ax, card)
+        elif panel == "summary":
+            _text(ax, card)
         elif panel == "wall time":
-            st = card["stages"]
-            ax.barh(list(st), [r.get("wall_s") or 0.0 for r in st.values()],
-                    color=["#bbb" if r.get("status") == "cached" else "#4a7" for r in st.values()])
+            recs = {**card["stages"], **{f"eval {k}": v for k, v in card["eval_records"].items()}}
+            ax.barh(list(recs), [r.get("wall_s") or 0.0 for r in recs.values()],
+                    color=["#bbb" if r.get("status") == "cached" else "#4a7" for r in recs.values()])
             ax.set_xlabel("seconds in this lifecycle run (grey: cached)")
+            ax.tick_params(axis="y", labelsize=7)
         else:
             for label, hist in card["curves"][panel].items():
                 if hist:
@@ -167,8 +192,9 @@ def table_rows(card: dict) -> list[dict]:
     for label, metrics in card["evals"].items():
         stage, _, uri = label.partition(": ")
         gate = card["gates"].get(stage, {})
-        row = {"stage": stage, "model": uri, "promoted": "" if stage.endswith("champion") else
-               ("yes" if gate.get("promote") else "no")}
+        trained = card["stages"].get(STAGE_OF.get(stage, ""), {}).get("status", "")
+        row = {"stage": stage, "model": uri, "this run": trained if not stage.endswith("champion") else "",
+               "promoted": "" if stage.endswith("champion") else ("yes" if gate.get("promote") else "no")}
         row.update({k.removeprefix("eval/"): round(metrics[k], 4) for k in HEADLINE if k in metrics})
         rows.append(row)
     return rows
