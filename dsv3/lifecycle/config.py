@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -28,10 +28,23 @@ class GateConfig(_Section):
     margin: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
 
 
+DEFAULT_GATES = {"base": {"metric": "eval/bpb", "direction": "min"},
+                 "long": {"metric": "eval/bpb", "direction": "min"},
+                 "chat": {"metric": "eval/arith/acc", "direction": "max"}}
+
+
 class GatesConfig(_Section):
-    base: GateConfig = Field(default_factory=lambda: GateConfig(metric="eval/bpb", direction="min"))
-    long: GateConfig = Field(default_factory=lambda: GateConfig(metric="eval/bpb", direction="min"))
-    chat: GateConfig = Field(default_factory=lambda: GateConfig(metric="eval/arith/acc", direction="max"))
+    """A stage's gate given in part (`--set lifecycle.gates.chat.margin=0.05`) keeps its other defaults."""
+    base: GateConfig = Field(default_factory=lambda: GateConfig(**DEFAULT_GATES["base"]))
+    long: GateConfig = Field(default_factory=lambda: GateConfig(**DEFAULT_GATES["long"]))
+    chat: GateConfig = Field(default_factory=lambda: GateConfig(**DEFAULT_GATES["chat"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: {**DEFAULT_GATES.get(k, {}), **v} if isinstance(v, dict) else v for k, v in d.items()}
+        return d
 
 
 class HeldoutConfig(_Section):

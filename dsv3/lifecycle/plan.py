@@ -69,7 +69,8 @@ def _left_out(mod: str) -> bool:
             or mod.startswith("dsv3.tracking"))
 
 
-def _imports(mod: str) -> set[str]:
+@lru_cache(maxsize=None)
+def _imports(mod: str) -> frozenset[str]:
     """Modules of dsv3 that `mod` imports anywhere (also inside functions)."""
     mods, path = _modules(), _modules()[mod]
     found = set()
@@ -90,7 +91,7 @@ def _imports(mod: str) -> set[str]:
                 name = name.rpartition(".")[0]
             if name:
                 found.add(name)
-    return found
+    return frozenset(found)
 
 
 def closure(roots: tuple[str, ...]) -> list[str]:

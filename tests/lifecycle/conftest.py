@@ -40,12 +40,23 @@ def make_repo(r: Path) -> Path:
     return r
 
 
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite DB (creating the schema costs ~15 s on a loaded box: copy it)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("emptydb") / "mlruns.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def repo(tmp_path, monkeypatch) -> Path:
+def repo(tmp_path, monkeypatch, empty_db) -> Path:
     """A fresh repository and MLflow store; the test runs inside it."""
     import mlflow
 
     r = make_repo(tmp_path / "repo")
+    shutil.copy(empty_db, r / "mlruns.db")
     monkeypatch.chdir(r)
     uri = f"sqlite:///{r}/mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
