@@ -9,10 +9,13 @@ export PYTHONUNBUFFERED := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
 
 CONFIG ?= configs/pretrain_small.yaml
+LIFECYCLE_CONFIG ?= configs/lifecycle.yaml
+FORCE ?=
+INIT ?=
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+.PHONY: help sysdeps install test test-fast lifecycle pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,20 +38,23 @@ test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+lifecycle: $(STAMP) ## data -> pretrain -> extend -> post-train -> evaluate -> gate -> promote, one cached flow (FORCE=stage)
+	$(BIN)/python -m flows.lifecycle --config $(LIFECYCLE_CONFIG) $(if $(FORCE),--force $(FORCE))
+
 data: $(STAMP) ## curate the built-in corpus with DVC (dvc repro) and validate it
 	$(BIN)/python -m flows.data
 
-pretrain: $(STAMP) ## data -> pretrain (small preset) -> context extension, tracked in MLflow
+pretrain: $(STAMP) ## data -> pretrain (small preset) -> context extension; registers dsv3-base, dsv3-long
 	$(BIN)/python -m flows.pretrain --config $(CONFIG)
 
 eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data
 	$(BIN)/python -m dsv3.evals.offline_data
 
-eval: $(STAMP) ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
+eval: $(STAMP) ## evaluate dsv3-chat@champion, else the furthest stage's candidate (CKPT=..., LIMIT=...)
 	$(BIN)/python -m flows.evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(LIMIT),--limit $(LIMIT))
 
-posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
-	$(BIN)/python -m flows.posttrain
+posttrain: $(STAMP) ## SFT -> reward model -> GRPO from dsv3-long@champion, else @candidate (INIT=uri|path|fresh)
+	$(BIN)/python -m flows.posttrain $(if $(INIT),--init $(INIT))
 
 bench: $(STAMP) ## run the benchmark scripts (print figures)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
