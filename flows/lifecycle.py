@@ -44,19 +44,23 @@ from flows.artifacts import flow_run_id, mlflow_link  # noqa: E402
 MODELS = {"pretrain": "base", "extend": "long", "posttrain": "chat"}
 
 
+def _result(state):
+    return state.result()  # a stage task's record (raises the stage's exception when it failed)
+
+
 def _cached(rec: dict):
     return Completed(name="Cached", data=rec, message=f"cache hit: key {rec['key'][:12]}")
 
 
 def _stage(cfg: RunConfig, lid: str, stage: str, force: str | None, inputs: dict, run) -> dict:
-    """One stage: a hit in the store (Cached), else `run()` (a subflow) and its record."""
+    """One stage: a hit in the store (Cached), else `run(key)` (a subflow) and its record."""
     sk = plan.stage_key(cfg, stage, inputs)
     t0 = time.time()
     rec = ledger.hit(cfg, sk, force)
     if rec is not None:
         ledger.note(lid, stage, {**rec, "wall_s": time.time() - t0})
         return _cached(rec)
-    rec = {"status": "ran", "key": sk.key, **run()}
+    rec = {"status": "ran", "key": sk.key, **run(sk.key)}
     if rec.get("model_uri"):
         ledger.mark_model(rec["model_uri"], sk)
     rec["wall_s"] = time.time() - t0
@@ -68,8 +72,8 @@ def _stage(cfg: RunConfig, lid: str, stage: str, force: str | None, inputs: dict
 def data_stage(cfg: RunConfig, lid: str, force: str | None):
     from flows.data import data_flow
 
-    def run():
-        d = data_flow(cfg.data, repo=".", parent_run_id=lid, tags={plan.KEY_TAG: plan.stage_key(cfg, "data").key})
+    def run(key):
+        d = data_flow(cfg.data, repo=".", parent_run_id=lid, tags={plan.KEY_TAG: key})
         return {"run_id": d["run_id"], "data_digest": d["digest"]}
 
     return _stage(cfg, lid, "data", force, {}, run)
@@ -79,7 +83,7 @@ def data_stage(cfg: RunConfig, lid: str, force: str | None):
 def pretrain_stage(cfg: RunConfig, lid: str, force: str | None, digest: str):
     from flows.pretrain import pretrain_flow
 
-    def run():
+    def run(key):
         r = pretrain_flow(cfg, run_data=False, use_ray=cfg.lifecycle.use_ray, run_extend=False, parent_run_id=lid)
         return {"run_id": r["run_id"], "model_uri": r["pretrain"]["model_uri"], "model_run_id": r["pretrain"]["run_id"]}
 
@@ -90,7 +94,7 @@ def pretrain_stage(cfg: RunConfig, lid: str, force: str | None, digest: str):
 def extend_stage(cfg: RunConfig, lid: str, force: str | None, digest: str, base: str):
     from flows.pretrain import extend_flow
 
-    def run():
+    def run(key):
         r = extend_flow(cfg, base, parent_run_id=lid)
         return {"run_id": r["run_id"], "model_uri": r["model_uri"], "model_run_id": r["run_id"]}
 
@@ -102,8 +106,10 @@ def posttrain_stage(cfg: RunConfig, lid: str, force: str | None, long: str):
     from dsv3 import tracking
     from flows.posttrain import posttrain_flow
 
-    def run():  # downstream reads the extended model's candidate alias (ledger.hit / registration set it)
+    def run(key):  # downstream reads the extended model's candidate alias (ledger.hit / registration set it)
         init = f"models:/{long.removeprefix('models:/').rpartition('/')[0]}@{tracking.CANDIDATE}"
+        if tracking.concrete_model_uri(init) != long:
+            raise RuntimeError(f"{init} is no longer {long}: another run registered a newer version meanwhile")
         r = posttrain_flow(cfg, init=init, parent_run_id=lid)
         return {"run_id": r["run_id"], "model_uri": r["model_uri"], "model_run_id": r["run_id"], "init": r["init"]}
 
@@ -149,10 +155,6 @@ def report_stage(cfg: RunConfig, lid: str) -> dict:
     return {"markdown": str(md_path), "png": str(png)}
 
 
-def _value(state):
-    return state.result() if hasattr(state, "result") and callable(state.result) else state
-
-
 @flow(name="lifecycle", log_prints=True)
 def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
     """Data -> pretrain -> extend -> post-train -> evaluate every stage model -> gate -> promote, cached by stage."""
@@ -165,18 +167,18 @@ def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
     out: dict = {"run_id": lid, "stages": {}, "evals": {}, "gates": {}}
     try:
         st = out["stages"]
-        st["data"] = _value(data_stage(cfg, lid, force, return_state=True))
+        st["data"] = _result(data_stage(cfg, lid, force, return_state=True))
         digest = st["data"]["data_digest"]
-        st["pretrain"] = _value(pretrain_stage(cfg, lid, force, digest, return_state=True))
-        st["extend"] = _value(extend_stage(cfg, lid, force, digest, st["pretrain"]["model_uri"], return_state=True))
-        st["posttrain"] = _value(posttrain_stage(cfg, lid, force, st["extend"]["model_uri"], return_state=True))
+        st["pretrain"] = _result(pretrain_stage(cfg, lid, force, digest, return_state=True))
+        st["extend"] = _result(extend_stage(cfg, lid, force, digest, st["pretrain"]["model_uri"], return_state=True))
+        st["posttrain"] = _result(posttrain_stage(cfg, lid, force, st["extend"]["model_uri"], return_state=True))
         scores: dict[str, dict] = {}
         for stage, model_stage in MODELS.items():
             uri = st[stage]["model_uri"]
             champion = tracking.resolve_stage_model(plan.model_name(cfg, stage), (tracking.CHAMPION,))
             for label, u in ((model_stage, uri), (f"{model_stage}-champion", champion)):
                 if u and u not in scores:
-                    out["evals"][label] = _value(eval_stage(cfg, lid, force, digest, u, label, return_state=True))
+                    out["evals"][label] = _result(eval_stage(cfg, lid, force, digest, u, label, return_state=True))
                     scores[u] = out["evals"][label]["metrics"]
         for stage, model_stage in MODELS.items():
             out["gates"][model_stage] = gate_stage(cfg, lid, model_stage, st[stage]["model_uri"], scores)

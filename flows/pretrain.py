@@ -62,7 +62,8 @@ def extend_task(cfg: RunConfig, init: str, parent_run_id: str | None, use_ray: b
     from dsv3.train.extend import extend
 
     res = extend(cfg, init, parent_run_id=parent_run_id, use_ray=use_ray)
-    mlflow_link("extend-run", res.get("run_id"), f"{cfg.name}: context extension run (registers {res.get('model_uri')})")
+    mlflow_link("extend-run", res.get("run_id"),
+                f"{cfg.name}: context extension run (registers {res.get('model_uri')})")
     return res
 
 

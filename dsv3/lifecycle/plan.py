@@ -149,11 +149,7 @@ def model_name(cfg, stage: str) -> str:
 def cached_model(cfg, sk: StageKey) -> dict | None:
     """The registered version made by a finished run of this exact stage, if its files still resolve."""
     sm = tracking.find_model_version(model_name(cfg, sk.stage), {KEY_TAG: sk.key})
-    if sm is None:
-        return None
-    try:
-        tracking.hf_dir(sm.uri)
-    except Exception:  # noqa: BLE001 - artifacts gone or unreadable: not a hit
+    if sm is None or not tracking.model_files_exist(sm.uri):  # files gone: not a hit
         return None
     return {"uri": sm.uri, "name": sm.name, "version": sm.version, "run_id": sm.run_id, "aliases": sm.aliases}
 

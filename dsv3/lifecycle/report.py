@@ -16,6 +16,7 @@ lifecycle run and publishes the markdown as a Prefect artifact.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from dsv3 import tracking
@@ -72,7 +73,7 @@ def collect(run_id: str) -> dict:
             k: v for k, v in m.items() if k in HEADLINE or (k.endswith("_stderr") and k[:-7] in HEADLINE)}
     return {"run_id": run_id, "name": run.data.tags.get("mlflow.runName", run_id), "tags": tags,
             "params": run.data.params, "metrics": run.data.metrics, "stages": stages, "gates": gates,
-            "curves": curves, "evals": evals, "eval_records": eval_records, "wall_s": _seconds(run) or run.data.metrics.get("lifecycle/wall_s")}
+            "curves": curves, "evals": evals, "eval_records": eval_records}
 
 
 def _fmt_s(s: float | None) -> str:
@@ -99,7 +100,8 @@ def markdown(card: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for stage, g in card["gates"].items():
         cv, hv = g.get("candidate_value"), g.get("champion_value")
-        lines.append(f"| {stage} | {g['candidate']} | {g.get('champion') or '—'} | {g['metric']} ({g['direction']}) | "
+        lines.append(f"| {stage} | {g['candidate']} | {g.get('champion') or '—'} | {g['metric']} "
+                     f"({g['direction']}) | "
                      f"{'—' if cv is None else f'{cv:.4f}'} | {'—' if hv is None else f'{hv:.4f}'} | "
                      f"{'yes' if g['promote'] else 'no'} | {g['reason']} |")
     lines += ["", "![report](report.png)", "", "<details><summary>config (MLflow params)</summary>", "", "```"]
@@ -132,7 +134,7 @@ def _text(ax, card: dict) -> None:
              f"wall time {_fmt_s(card['metrics'].get('lifecycle/wall_s'))}", "", "gates:"]
     for stage, g in card["gates"].items():
         lines.append(f"{stage}: {'PROMOTED' if g['promote'] else 'kept'} {g['candidate'].removeprefix('models:/')}")
-        lines.append(f"   {g['reason'][:70]}")
+        lines += ["   " + part for part in textwrap.wrap(g["reason"], 64)]
     ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
 
 

@@ -31,5 +31,5 @@ from dsv3.tracking.registry import (  # noqa: F401
     log_eval_metrics, mark_model_training, model_version, promote, register_model, register_stage_model, resolve_model_uri, require_stage_model,
     resolve_stage_model, stage_model_name)
 from dsv3.tracking.lookup import (  # noqa: F401
-    child_runs, experiment_id, find_model_version, find_run, log_artifact_to, log_metrics_to, set_alias,
+    child_runs, experiment_id, find_model_version, find_run, log_artifact_to, log_metrics_to, model_files_exist, set_alias,
     set_run_tags, set_status, set_version_tags, ui_url)

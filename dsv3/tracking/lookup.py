@@ -64,6 +64,26 @@ def find_model_version(name: str, tags: dict[str, str]) -> StageModel | None:
     return None
 
 
+def model_files_exist(uri: str) -> bool:
+    """Whether a registered version's HF directory is still in the artifact store (a local store: the
+    directory; a remote one: a non-empty listing), without downloading it."""
+    import mlflow
+
+    from dsv3.tracking.registry import _hf_source, model_version
+
+    try:
+        sm = model_version(uri)
+        source = _hf_source(sm.model_id) if sm.model_id else _client().get_model_version(sm.name, sm.version).source
+    except Exception:  # noqa: BLE001 - unreadable: not there
+        return False
+    if source.startswith("file://") or "://" not in source:
+        return Path(source.removeprefix("file://")).is_dir()
+    try:
+        return bool(mlflow.artifacts.list_artifacts(artifact_uri=source, tracking_uri=tracking_uri()))
+    except MlflowException:
+        return False
+
+
 def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
     client = _client()
     for k, v in clean_tags(tags).items():

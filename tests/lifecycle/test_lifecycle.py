@@ -41,7 +41,7 @@ def _prefect(flow_run_id):
 
 
 def _versions(client, name):
-    return {v.version: client.get_model_version(name, v.version) for v in client.search_model_versions(f"name='{name}'")}
+    return {v.version: v for v in client.search_model_versions(f"name='{name}'")}
 
 
 def _no_none_tags(client, exp_id):
