@@ -8,6 +8,9 @@ cannot be written is logged and skipped: a display must never fail a training ru
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in flow logs
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 

@@ -52,6 +52,12 @@ def _cached(rec: dict):
     return Completed(name="Cached", data=rec, message=f"cache hit: key {rec['key'][:12]}")
 
 
+@task(name="mark", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def mark(uri: str, sk: plan.StageKey) -> None:
+    """Tag a new version with its stage key: what the next run's cache lookup finds (an MLflow write)."""
+    ledger.mark_model(uri, sk)
+
+
 def _stage(cfg: RunConfig, lid: str, stage: str, force: str | None, inputs: dict, run) -> dict:
     """One stage: a hit in the store (Cached), else `run(key)` (a subflow) and its record."""
     sk = plan.stage_key(cfg, stage, inputs)
@@ -62,7 +68,7 @@ def _stage(cfg: RunConfig, lid: str, stage: str, force: str | None, inputs: dict
         return _cached(rec)
     rec = {"status": "ran", "key": sk.key, **run(sk.key)}
     if rec.get("model_uri"):
-        ledger.mark_model(rec["model_uri"], sk)
+        mark(rec["model_uri"], sk)
     rec["wall_s"] = time.time() - t0
     ledger.note(lid, stage, rec)
     return rec
@@ -85,7 +91,8 @@ def pretrain_stage(cfg: RunConfig, lid: str, force: str | None, digest: str):
 
     def run(key):
         r = pretrain_flow(cfg, run_data=False, use_ray=cfg.lifecycle.use_ray, run_extend=False, parent_run_id=lid)
-        return {"run_id": r["run_id"], "model_uri": r["pretrain"]["model_uri"], "model_run_id": r["pretrain"]["run_id"]}
+        pre = r["pretrain"]
+        return {"run_id": r["run_id"], "model_uri": pre["model_uri"], "model_run_id": pre["run_id"]}
 
     return _stage(cfg, lid, "pretrain", force, {"data": digest}, run)
 
