@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# imported at collection, not under capsys: Prefect's console log handler keeps the stream it first
+# sees, and a capsys stream is closed after its test (later flow tests would log into a closed file)
+from flows import evaluate, posttrain, pretrain
+
 from .conftest import TINY
 
 
@@ -32,7 +36,6 @@ def test_pretrain_then_posttrain_then_eval(repo, prefect_harness, capsys, tmp_pa
     from mlflow.tracking import MlflowClient
 
     from dsv3 import tracking
-    from flows import evaluate, posttrain, pretrain
 
     client = MlflowClient()
     cfg = ["--config", TINY]
