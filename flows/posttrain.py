@@ -3,7 +3,9 @@
 Thin by design: each task calls one `dsv3.posttrain.stages` function and passes checkpoint URIs
 and MLflow run ids on. MLflow: one parent run `posttrain` with a child run per stage (sft_data,
 sft, reward, grpo, distill); the final model is registered as `<tracking.registered_model>-chat`
-(alias `candidate`) with `parent_model` = the registry version it started from. The flow
+(alias `candidate`) with `parent_model` = the registry version it started from. The SFT data is the
+DVC stage `sft_data` (`dvc repro sft_data` in `repo`, dvc.lock kept fresh) when the config writes
+where that stage does, else generated in-process (a teacher, another out_dir). The flow
 parameter is the whole `RunConfig`. A progress artifact follows GRPO; a link artifact opens the
 MLflow run.
 
@@ -37,7 +39,11 @@ from flows.artifacts import flow_run_id, mlflow_link, progress  # noqa: E402
 
 
 @task
-def data_task(cfg, pid):
+def data_task(cfg, pid, repo):
+    if stages.sft_data_in_dvc(cfg, repo):  # `dvc repro sft_data`: a no-op when unchanged, dvc.lock stays fresh
+        from dsv3.posttrain.sft_data import repro_sft_data
+
+        return repro_sft_data(repo, cfg, parent_run_id=pid)
     return stages.stage_data(cfg, parent_run_id=pid)
 
 
@@ -69,7 +75,8 @@ def register_task(cfg, final, start):
 
 
 @flow(name="posttrain", log_prints=True)
-def posttrain_flow(cfg: RunConfig, init: str | None = None, parent_run_id: str | None = None) -> dict:
+def posttrain_flow(cfg: RunConfig, init: str | None = None, parent_run_id: str | None = None,
+                   repo: str = ".") -> dict:
     """SFT -> reward model -> GRPO (-> distillation), each stage an MLflow child run; registers the result."""
     from dsv3 import tracking
 
@@ -79,7 +86,7 @@ def posttrain_flow(cfg: RunConfig, init: str | None = None, parent_run_id: str |
     with tracking.start_run(cfg, "posttrain", run_name=f"{cfg.name}-posttrain", parent_run_id=parent_run_id,
                             tags={"prefect_flow_run_id": flow_run_id(), "parent_checkpoint": start}) as parent:
         pid = res["run_id"] = parent.info.run_id
-        data = res["data"] = data_task(cfg, pid)
+        data = res["data"] = data_task(cfg, pid, str(Path(repo).resolve()))
         sft = res["sft"] = sft_task(cfg, start, data, str(out / "sft"), pid)
         rm = res["reward"] = reward_task(cfg, sft["ckpt"], data, str(out / "reward"), pid)
         g = res["grpo"] = grpo_task(cfg, sft["ckpt"], str(out / "grpo"), rm["ckpt"], pid)

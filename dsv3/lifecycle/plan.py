@@ -172,6 +172,14 @@ def cached_run(cfg, sk: StageKey, data_dir: str | None = None) -> dict | None:
     return {"run_id": run.info.run_id, "metrics": dict(run.data.metrics), "tags": dict(tags)}
 
 
+def needs_eval_data(cfg) -> bool:
+    """Whether the lifecycle needs the offline benchmark data before it starts: the benchmarks it scores,
+    or the eval sets curation decontaminates against (`data.decontam.paths`, by default where
+    `make eval-data` writes)."""
+    d = cfg.data.decontam
+    return bool(cfg.eval.tasks) or (d.enabled and bool(d.paths))
+
+
 def prepared(cfg):
     """`cfg` as the lifecycle runs it, or a ConfigError naming what cannot be: models must be registered
     (the hand-off), training reads the data stage's shards (the data digest is an input of its key),

@@ -121,6 +121,23 @@ def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: s
             "n_val": mv["n"], "kinds_train": mt["kinds"], "kinds_val": mv["kinds"]}
 
 
+def sft_data_in_dvc(run_cfg, repo: str | Path = ".") -> bool:
+    """Whether the SFT data of `run_cfg` is the DVC stage `sft_data` of `repo` (dvc.yaml): programmatic
+    data (no teacher: rejection sampling depends on a model DVC does not version) written where that
+    stage writes (`posttrain.data.out_dir` = <repo>/data/posttrain). Then `sft_data.repro_sft_data`
+    makes it and dvc.lock stays fresh; otherwise `stage_data` does, outside DVC."""
+    import yaml
+
+    repo = Path(repo)
+    spec = repo / "dvc.yaml"
+    if run_cfg.posttrain.data.teacher or not spec.is_file():
+        return False
+    out = Path(run_cfg.posttrain.data.out_dir)
+    out = out if out.is_absolute() else repo / out
+    stages = (yaml.safe_load(spec.read_text()) or {}).get("stages", {})
+    return "sft_data" in stages and out.resolve() == (repo / "data" / "posttrain").resolve()
+
+
 def stage_data(run_cfg, parent_run_id: str | None = None, teacher_uri: str | None = None) -> dict:
     """`generate_sft_data` as an MLflow run (counts, accept rate, dataset input with its digest)."""
     with tracking.start_run(run_cfg, stage="sft_data",

