@@ -13,8 +13,8 @@ only decides, per stage, "cached, or run the subflow", and passes registry URIs 
     evaluate  -> evaluate_flow per stage model (and per current champion, for the gate)
     gate      -> promote each candidate that beats its champion (alias `champion`)
 A stage whose key is found in the MLflow store finishes in Prefect as `Cached` (its task returns a
-Completed state named so) and writes nothing; `--force STAGE` re-runs from that stage. Every run
-writes report.md + report.png (under `lifecycle.report_dir/<MLflow run id>/`), logs them to its
+Completed state named so) and writes nothing; `--force STAGE` re-runs from that stage. Every run,
+a failed one too, writes report.md + report.png (under `lifecycle.report_dir/<MLflow run id>/`), logs them to its
 MLflow run and publishes the markdown, a table (stage -> model version -> key metrics) and a link
 as Prefect artifacts.
 
@@ -203,6 +203,10 @@ def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
             out["gates"][model_stage] = gate_stage(cfg, lid, model_stage, st[stage]["model_uri"], scores)
     except BaseException as e:
         ledger.end(lid, started, ok=False, error=f"{type(e).__name__}: {e}")
+        try:  # a failed run's card says how far it got and why it stopped
+            report_stage(cfg, lid)
+        except Exception as r:  # noqa: BLE001 - the stage's error is the one to raise
+            print(f"no report for the failed run: {r}")
         raise
     ledger.end(lid, started)
     out["report"] = report_stage(cfg, lid)
@@ -221,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return config_error_exit(e, "flows.lifecycle")
     t0 = time.time()
-    res = lifecycle_flow(cfg, force=a.force)
+    try:
+        res = lifecycle_flow(cfg, force=a.force)
+    except Exception as e:  # a failed stage: one readable line (the flow run holds the traceback), exit 1
+        print(f"lifecycle failed: {type(e).__name__}: {e}\n(fix it and run again: finished stages are cached, "
+              f"so it resumes at the failed one)", file=sys.stderr)
+        return 1
     print(Path(res["report"]["markdown"]).read_text().split("<details>")[0])
     print(f"lifecycle finished in {(time.time() - t0) / 60:.1f} min; MLflow run {res['run_id']}; "
           f"report {res['report']['markdown']} + {res['report']['png']}")

@@ -88,7 +88,8 @@ def markdown(card: dict) -> str:
              f"- MLflow run `{card['run_id']}`; Prefect flow run `{t.get('prefect_flow_run_id', '—')}`",
              f"- git commit `{t.get('git_commit', '—')}`; data digest (DVC md5 of the shards) "
              f"`{t.get('dvc_data_digest', '—')}`",
-             f"- wall time {_fmt_s(card['metrics'].get('lifecycle/wall_s'))}", "",
+             f"- wall time {_fmt_s(card['metrics'].get('lifecycle/wall_s'))}",
+             *([f"- **failed**: {t['lifecycle.error']}"] if t.get("lifecycle.error") else []), "",
              "## Stages", "", "| stage | this run | wall time here | training run time | model | key |",
              "|---|---|---|---|---|---|"]
     for stage, r in card["stages"].items():

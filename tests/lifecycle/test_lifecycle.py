@@ -136,6 +136,10 @@ def test_lifecycle_end_to_end(repo, prefect_harness):
     failed = client.search_runs([exp], "tags.stage = 'lifecycle'", order_by=["attributes.start_time DESC"])[0]
     assert failed.info.status == "FAILED" and "missing.jsonl" in failed.data.tags["lifecycle.error"]
     assert "cached" in failed.data.tags["lifecycle.stage.extend"]
+    assert {a.path for a in client.list_artifacts(failed.info.run_id, "report")} == {"report/report.md",
+                                                                                   "report/report.png"}
+    failed_md = (repo / cfg.lifecycle.report_dir / failed.info.run_id / "report.md").read_text()
+    assert "**failed**" in failed_md and "missing.jsonl" in failed_md and "| extend | cached |" in failed_md
 
     # ---- one post-training parameter changed: post-training and evaluation re-run, nothing else ------
     changed = RunConfig.load(TINY, ["posttrain.grpo.lr=0.001"])
