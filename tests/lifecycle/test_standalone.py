@@ -58,6 +58,8 @@ def test_pretrain_then_posttrain_then_eval(repo, prefect_harness, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "make pretrain" in err and "--init" in err and "dsv3-long" in err and "champion or candidate" in err
     assert not (repo / "checkpoints").exists() and client.search_registered_models() == []
+    assert evaluate.main(cfg) == 2  # make eval on an empty registry: what to run, no flow run
+    assert "no registered stage model" in capsys.readouterr().err
 
     # make pretrain: data -> pretraining (dsv3-base) -> extension (dsv3-long, parent dsv3-base)
     assert pretrain.main([*cfg, "--no-ray"]) == 0
