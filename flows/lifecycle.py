@@ -43,6 +43,7 @@ from dsv3.lifecycle import ledger, plan  # noqa: E402
 from flows.artifacts import flow_run_id, mlflow_link  # noqa: E402
 
 MODELS = {"pretrain": "base", "extend": "long", "posttrain": "chat"}
+DEFAULT_CONFIG = "configs/lifecycle.yaml"  # `make lifecycle`'s, and a deployment run's without parameters
 
 
 def _result(state):
@@ -173,12 +174,13 @@ def report_stage(cfg: RunConfig, lid: str) -> dict:
 
 
 @flow(name="lifecycle", log_prints=True)
-def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
-    """Data -> pretrain -> extend -> post-train -> evaluate every stage model -> gate -> promote, cached by stage."""
+def lifecycle_flow(cfg: RunConfig | None = None, force: str | None = None) -> dict:
+    """Data -> pretrain -> extend -> post-train -> evaluate every stage model -> gate -> promote, cached by
+    stage (`cfg` None: configs/lifecycle.yaml; `force`: re-run from this stage on)."""
     from dsv3 import tracking
 
     plan.check_force(force)
-    cfg = plan.prepared(cfg)
+    cfg = plan.prepared(cfg if cfg is not None else RunConfig.load(DEFAULT_CONFIG))
     started = time.time()
     lid = ledger.begin(cfg, flow_run_id(), force)
     out: dict = {"run_id": lid, "stages": {}, "evals": {}, "gates": {}}
@@ -215,7 +217,7 @@ def lifecycle_flow(cfg: RunConfig, force: str | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.lifecycle", description=lifecycle_flow.__doc__)
-    ap.add_argument("--config", default="configs/lifecycle.yaml")
+    ap.add_argument("--config", default=DEFAULT_CONFIG)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--force", default=None, choices=plan.ORDER, help="re-run from this stage on (no cache hits)")
     a = ap.parse_args(argv)
