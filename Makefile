@@ -15,7 +15,8 @@ INIT ?=
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast lifecycle pretrain data eval eval-data posttrain bench mlflow-ui prefect-ui clean
+.PHONY: help sysdeps install test test-fast lifecycle pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
+	prefect-ui deploy deploy-down screenshots clean stack-up stack-down stack-status stack-env
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,23 +39,32 @@ test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-lifecycle: $(STAMP) ## data -> pretrain -> extend -> post-train -> evaluate -> gate -> promote, one cached flow (FORCE=stage)
+lifecycle: sysdeps $(STAMP) ## data -> pretrain -> extend -> post-train -> evaluate -> gate -> promote, one cached flow (FORCE=stage)
 	$(BIN)/python -m flows.lifecycle --config $(LIFECYCLE_CONFIG) $(if $(FORCE),--force $(FORCE))
 
-data: $(STAMP) ## curate the built-in corpus with DVC (dvc repro) and validate it
+data: $(STAMP) eval-data-ready ## curate the built-in corpus with DVC (dvc repro) and validate it
 	$(BIN)/python -m flows.data
 
-pretrain: $(STAMP) ## data -> pretrain (small preset) -> context extension; registers dsv3-base, dsv3-long
+pretrain: $(STAMP) eval-data-ready ## data -> pretrain (small preset) -> context extension; registers dsv3-base, dsv3-long
 	$(BIN)/python -m flows.pretrain --config $(CONFIG)
 
-eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data
+eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data (again)
 	$(BIN)/python -m dsv3.evals.offline_data
 
-eval: $(STAMP) ## evaluate dsv3-chat@champion, else the furthest stage's candidate (CKPT=..., LIMIT=...)
+# data/evals (or $DSV3_EVAL_DATA) prepared when missing, a no-op otherwise: the eval sets that
+# `make eval` scores and that the curate stage decontaminates against (data.decontam.paths)
+eval-data-ready: $(STAMP)
+	@$(BIN)/python -m dsv3.evals.offline_data --if-missing
+
+eval: sysdeps $(STAMP) eval-data-ready ## evaluate dsv3-chat@champion, else the furthest stage's candidate (CKPT=..., LIMIT=...)
 	$(BIN)/python -m flows.evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(LIMIT),--limit $(LIMIT))
 
 posttrain: $(STAMP) ## SFT -> reward model -> GRPO from dsv3-long@champion, else @candidate (INIT=uri|path|fresh)
 	$(BIN)/python -m flows.posttrain $(if $(INIT),--init $(INIT))
+
+MODEL ?= models:/dsv3-chat@champion
+serve: $(STAMP) ## OpenAI-compatible server on the champion chat model (MODEL=..., ARGS="--port 8000 ...")
+	$(BIN)/dsv3 serve $(MODEL) $(ARGS)
 
 bench: $(STAMP) ## run the benchmark scripts (print figures)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
@@ -64,6 +74,29 @@ mlflow-ui: $(STAMP) ## open the MLflow UI on the local store
 
 prefect-ui: $(STAMP) ## start a local Prefect server with its UI
 	$(BIN)/prefect server start
+
+STACK_DIR ?= .stack
+stack-up: sysdeps $(STAMP) ## start the server-mode stack (PostgreSQL, S3, MLflow, Prefect, 2 Ray nodes) in .stack/
+	$(BIN)/python infra/stack.py up --state $(STACK_DIR)
+
+stack-down: ## stop what stack-up started (keeps .stack/: logs, database)
+	$(BIN)/python infra/stack.py down --state $(STACK_DIR)
+
+stack-status: ## health of each stack part
+	$(BIN)/python infra/stack.py status --state $(STACK_DIR)
+
+stack-env: ## print the exports that point dsv3 at the stack (or: source .stack/env)
+	@$(BIN)/python infra/stack.py env --state $(STACK_DIR)
+
+PREFECT_PORT ?= 4200
+deploy: $(STAMP) ## Prefect deployments (prefect.yaml) on a local server + a process worker; stop: make deploy-down
+	$(BIN)/python infra/deploy.py up --port $(PREFECT_PORT)
+
+deploy-down: ## stop the worker and the Prefect server that `make deploy` started
+	$(BIN)/python infra/deploy.py down
+
+screenshots: sysdeps $(STAMP) ## PNGs of the MLflow compare/registry pages and the Prefect flow-run graph -> docs/img/
+	$(BIN)/python infra/screenshots.py --out docs/img
 
 clean: ## remove caches (keeps .venv, data and runs)
 	rm -rf .pytest_cache **/__pycache__

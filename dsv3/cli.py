@@ -13,7 +13,7 @@ import sys
 
 # packages whose cli.py registers sub-commands, in help order
 _MODULES = ["dsv3.model.cli", "dsv3.data.cli", "dsv3.train.cli", "dsv3.parallel.cli",
-            "dsv3.posttrain.cli", "dsv3.evals.cli"]
+            "dsv3.posttrain.cli", "dsv3.evals.cli", "dsv3.serve.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,15 +5,19 @@ the training launcher). A ground-floor module: it imports only Ray and the stand
 ...; default `$RAY_ADDRESS`) or starts a fresh local one; workers get this checkout on PYTHONPATH so
 task functions defined in dsv3 are importable without installing the package.
 `ray_map(fn, items, workers)` runs `fn` on each item as Ray tasks with at most `workers` in flight and
-returns results in input order (so outputs equal the in-process `map`). `ray_shutdown()` stops the
-local instance. The training launcher (Ray Train) is dsv3/train/launcher.py.
+returns results in input order (so outputs equal the in-process `map`); `ray_imap` is its lazy form
+(consumes `items` as tasks finish, yields results in order, at most `window` tasks in flight: the
+caller holds a bounded number of items and results, never all of them). `ray_actor`, `ray_ready`,
+`ray_get`, `ray_kill` hold long-lived actors (the serving path's prefill workers). `ray_shutdown()`
+stops the local instance. The training launcher (Ray Train) is dsv3/train/launcher.py.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -52,6 +56,23 @@ def ray_map(fn: Callable, items: Iterable, workers: int) -> list:
     return ray.get(out_refs)
 
 
+def ray_imap(fn: Callable, items: Iterable, workers: int, window: int | None = None) -> Iterator:
+    """Lazy, ordered `ray_map`: at most `window` (default 2 * workers) tasks in flight."""
+    import ray
+
+    if not ray.is_initialized():
+        ray_init(num_cpus=workers)
+    remote = ray.remote(num_cpus=1)(fn)
+    window = max(1, window or 2 * max(1, workers))
+    pending: deque = deque()
+    for item in items:
+        pending.append(remote.remote(item))
+        if len(pending) >= window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
 def _ready(ray, ref) -> bool:
     done, _ = ray.wait([ref], timeout=0)
     return bool(done)
@@ -62,3 +83,35 @@ def ray_shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# ---- actors: long-lived workers (the serving path's prefill workers, dsv3.serve.pd) -------------
+def ray_actor(cls, *args, num_cpus: int = 1, **kwargs):
+    """Start `cls(*args, **kwargs)` as a Ray actor (a local Ray started if none); returns its handle."""
+    import ray
+
+    if not ray.is_initialized():
+        ray_init()
+    return ray.remote(num_cpus=num_cpus)(cls).remote(*args, **kwargs)
+
+
+def ray_ready(refs: list, timeout: float | None = None) -> list:
+    """The refs among `refs` that are done, waiting up to `timeout` s for the first."""
+    import ray
+
+    if not refs:
+        return []
+    done, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+    return done
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def ray_kill(actor) -> None:
+    import ray
+
+    ray.kill(actor)

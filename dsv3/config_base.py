@@ -32,7 +32,7 @@ from typing import Any, Mapping, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dsv3.errors import ConfigError
+from dsv3.errors import CheckpointError, ConfigError, TrackingError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -202,7 +202,9 @@ def config_error_exit(e: ConfigError, prog: str = "dsv3") -> int:
 
 def run_command(parser: Any, argv: list[str] | None, prog: str = "dsv3") -> int:
     """Parse `argv` and run the chosen sub-command's `func`; help and 2 when none was chosen,
-    `config_error_exit` on a ConfigError."""
+    `config_error_exit` on a ConfigError, one line and 1 on a CheckpointError (unreadable, or a
+    failed write such as a full disk: its message names the checkpoint and the cause) or a
+    TrackingError (the MLflow server named in the message cannot be reached)."""
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -211,6 +213,12 @@ def run_command(parser: Any, argv: list[str] | None, prog: str = "dsv3") -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         return config_error_exit(e, prog)
+    except CheckpointError as e:
+        print(f"{prog}: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except TrackingError as e:
+        print(f"{prog}: tracking error: {e}", file=sys.stderr)
+        return 1
 
 
 # ---- views ------------------------------------------------------------------------------------

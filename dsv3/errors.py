@@ -6,6 +6,8 @@
 - `CheckpointError`: a checkpoint that cannot be read or does not fit the model; the message
   names the file or tensor.
 Both are `ValueError`s (bad input), so code that catches ValueError keeps working.
+- `TrackingError`: the MLflow tracking server cannot be reached when a run starts (a
+  `RuntimeError`: the input is fine, the service is not); the message names the URI.
 """
 
 from __future__ import annotations
@@ -17,3 +19,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not match the model; the message names the file."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached when a run starts; the message names the URI."""

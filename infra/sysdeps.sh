@@ -3,7 +3,7 @@
 # `make test` and `make install` call this; as a non-root user it only reports what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
-mapfile -t want < <(sed -e 's/#.*//' -e '/^\s*$/d' apt-packages.txt)
+mapfile -t want < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^\s*$/d' apt-packages.txt)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

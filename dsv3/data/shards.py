@@ -8,7 +8,8 @@ Per split: {"file": "train.bin", "n_tokens": N, "n_docs": D, "doc_offsets": [0, 
 "checksum": "xxh3_128:<hex>", "entry_checksum": "xxh3_128:<hex>"}
 (`doc_offsets[i]` is the first token of document i; n_docs + 1 entries, last = N), plus
 optional "n_bytes" (UTF-8 bytes of the text, for bits-per-byte).
-uint16 when the vocabulary fits, uint32 otherwise.
+uint16 when the vocabulary fits, uint32 otherwise. `ShardWriter` appends documents batch by batch
+(the curation's shards stage streams through it); `write_split` writes a whole iterable.
 
 Integrity (format 2). `checksum` is the xxh3-128 of the .bin file, computed while it is
 written; `entry_checksum` covers the split's own index fields plus dtype and vocab_size, so an
@@ -34,6 +35,7 @@ import hashlib
 import json
 import os
 import warnings
+from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -77,42 +79,82 @@ def entry_checksum(entry: dict, dtype: str, vocab_size: int) -> str:
     return f"{ALGO}:{h.hexdigest()}"
 
 
+class ShardWriter:
+    """Append one split's documents to its .bin as they come (hashing while writing); `close` writes
+    the index entry, merged into index.json. Memory: the current batch plus 8 bytes per document
+    (the offsets). As a context manager it removes the partial file when the block raises."""
+
+    def __init__(self, out_dir: str | Path, split: str, vocab_size: int):
+        self.out, self.split, self.vocab_size = Path(out_dir), split, int(vocab_size)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dt = dtype_for(vocab_size)
+        idx = self._index()
+        if (idx.get("format"), idx.get("vocab_size")) != (FORMAT, self.vocab_size):
+            raise ShardError(f"{self.out / 'index.json'}: holds format {idx.get('format')!r} with vocab_size "
+                             f"{idx.get('vocab_size')}; split {split!r} is {FORMAT} with vocab_size {vocab_size}: "
+                             "write into a fresh directory")
+        self.path = self.out / f"{split}.bin"
+        self.tmp = self.path.with_suffix(".bin.tmp")
+        self.f = open(self.tmp, "wb")
+        self.h = _hasher()
+        self.offsets = array("q", [0])
+        self.entry: dict | None = None
+
+    def _index(self) -> dict:
+        p = self.out / "index.json"
+        return json.loads(p.read_text()) if p.exists() else {
+            "format": FORMAT, "dtype": self.dt.name, "vocab_size": self.vocab_size, "splits": {}}
+
+    def extend(self, docs: Iterable[Sequence[int]]) -> None:
+        arrs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
+        if not arrs:
+            return
+        a = np.concatenate(arrs)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+            raise ShardError(f"token id out of range [0, {self.vocab_size}) in split {self.split!r}")
+        b = a.astype(self.dt).tobytes()
+        self.f.write(b)
+        self.h.update(b)
+        end = self.offsets[-1]
+        for x in arrs:
+            end += int(x.size)
+            self.offsets.append(end)
+
+    def close(self, n_bytes: int | None = None) -> dict:
+        """Finish the file and merge its entry into index.json; returns the entry."""
+        self.f.close()
+        self.tmp.replace(self.path)
+        off = self.offsets.tolist()
+        entry = {"file": self.path.name, "n_tokens": off[-1], "n_docs": len(off) - 1, "doc_offsets": off}
+        if n_bytes is not None:
+            entry["n_bytes"] = int(n_bytes)
+        entry["checksum"] = f"{ALGO}:{self.h.hexdigest()}"
+        entry["entry_checksum"] = entry_checksum(entry, self.dt.name, self.vocab_size)
+        idx = self._index()
+        idx["splits"][self.split] = entry
+        idx_path = self.out / "index.json"
+        idx_tmp = idx_path.with_suffix(".json.tmp")
+        idx_tmp.write_text(json.dumps(idx))
+        idx_tmp.replace(idx_path)
+        self.entry = entry
+        return entry
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.entry is None:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
+
+
 def write_split(out_dir: str | Path, split: str, docs: Iterable[Sequence[int]], vocab_size: int,
                 n_bytes: int | None = None) -> dict:
     """Write one split's token memmap; returns its index entry (also merged into index.json)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dt = dtype_for(vocab_size)
-    idx_path = out / "index.json"
-    idx = json.loads(idx_path.read_text()) if idx_path.exists() else {
-        "format": FORMAT, "dtype": dt.name, "vocab_size": vocab_size, "splits": {}}
-    if (idx.get("format"), idx.get("vocab_size")) != (FORMAT, vocab_size):
-        raise ShardError(f"{idx_path}: holds format {idx.get('format')!r} with vocab_size {idx.get('vocab_size')}; "
-                         f"split {split!r} is {FORMAT} with vocab_size {vocab_size}: write into a fresh directory")
-    offsets = [0]
-    path = out / f"{split}.bin"
-    tmp = path.with_suffix(".bin.tmp")
-    h = _hasher()
-    with open(tmp, "wb") as f:
+    with ShardWriter(out_dir, split, vocab_size) as w:
         for doc in docs:
-            a = np.asarray(doc, dtype=np.int64)
-            if a.size and (a.min() < 0 or a.max() >= vocab_size):
-                raise ShardError(f"token id out of range [0, {vocab_size}) in split {split!r}")
-            b = a.astype(dt).tobytes()
-            f.write(b)
-            h.update(b)
-            offsets.append(offsets[-1] + int(a.size))
-    tmp.replace(path)
-    entry = {"file": path.name, "n_tokens": offsets[-1], "n_docs": len(offsets) - 1, "doc_offsets": offsets}
-    if n_bytes is not None:
-        entry["n_bytes"] = int(n_bytes)
-    entry["checksum"] = f"{ALGO}:{h.hexdigest()}"
-    entry["entry_checksum"] = entry_checksum(entry, dt.name, vocab_size)
-    idx["splits"][split] = entry
-    idx_tmp = idx_path.with_suffix(".json.tmp")
-    idx_tmp.write_text(json.dumps(idx))
-    idx_tmp.replace(idx_path)
-    return entry
+            w.extend([doc])
+        return w.close(n_bytes)
 
 
 # ---- verification ------------------------------------------------------------------------

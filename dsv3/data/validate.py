@@ -4,12 +4,17 @@
 non-empty text within the size bound, no remaining PII patterns (private-key blocks, AWS
 key ids, e-mails: `pii.RESIDUAL_PATTERNS`), unique content hashes, quality_score in [0, 1],
 split in {train, val}, kind in {text, code}.
-`token_shards` (one row per document, both splits): every token id below vocab_size,
-each document framed by BOS ... EOS; plus one row per split comparing the token count
-of the .bin file with the index (`n_tokens`, last doc offset).
+`token_shards` (one row per chunk of documents, both splits, streamed by dsv3.data.shard_stats):
+every token id below vocab_size, each document framed by BOS ... EOS; plus one row per split
+comparing the token count of the .bin file with the index (`n_tokens`, last doc offset).
 A file data context lives under `gx_root` (default OUT/gx) so each run renders Data Docs
 HTML; `validate` returns a Report whose `.text` lists every failed expectation with
 sample values and the Data Docs path; callers exit non-zero when `.success` is False.
+
+Under DVC the suites are the stage `validate` (after `shards`; `python -m dsv3.data.cli stage
+validate`): `run_stage` writes OUT/validation.json (a DVC metric) and a failing suite fails
+`dvc repro`. `read_validation` reads that result back (what the data flow reports), refusing a
+failed one or one made for other shards than those on disk.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dsv3.data.config import DataConfig
 from dsv3.data.pii import RESIDUAL_PATTERNS
+from dsv3.data.shard_stats import shard_frames
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -54,26 +58,6 @@ def _docs_frame(out: Path):
                 rows += [json.loads(l) for l in f if l.strip()]
     cols = ["id", "text", "source", "path", "kind", "hash", "quality_score", "n_bytes", "split"]
     return pd.DataFrame(rows, columns=sorted(set(cols) | {k for r in rows for k in r}))
-
-
-def _shard_frames(out: Path):
-    import pandas as pd
-
-    from dsv3.data.shards import TokenShards
-
-    idx = json.loads((out / "shards" / "index.json").read_text())
-    docs, totals = [], []
-    for split, e in idx["splits"].items():
-        ts = TokenShards(out / "shards", split)
-        tok = np.asarray(ts.tokens, dtype=np.int64)
-        off = ts.doc_offsets
-        for i in range(len(off) - 1):
-            d = tok[off[i]:off[i + 1]]
-            docs.append({"split": split, "max_id": int(d.max()) if d.size else -1, "min_id": int(d.min()) if d.size else -1,
-                         "first": int(d[0]) if d.size else -1, "last": int(d[-1]) if d.size else -1})
-        totals.append({"split": split, "bin_tokens": int(tok.size), "index_tokens": int(e["n_tokens"]),
-                       "offset_tokens": int(off[-1])})
-    return pd.DataFrame(docs), pd.DataFrame(totals), idx
 
 
 def _suites(cfg: DataConfig, idx: dict | None):
@@ -126,7 +110,7 @@ def validate(out: str | Path, cfg: DataConfig | None = None, gx_root: str | Path
     frames = {"curated_docs": _docs_frame(out)}
     idx = None
     if (out / "shards" / "index.json").is_file():
-        frames["token_shards"], frames["shard_totals"], idx = _shard_frames(out)
+        frames["token_shards"], frames["shard_totals"], idx = shard_frames(out)  # streamed, per chunk
     ds = ctx.data_sources.add_or_update_pandas("dsv3")
     lines, ok, results = [], True, {}
     for name, exps in _suites(cfg, idx).items():
@@ -159,3 +143,56 @@ def validate(out: str | Path, cfg: DataConfig | None = None, gx_root: str | Path
     docs = urls[0]["site_url"] if urls else None
     lines.append(f"Data Docs: {docs}")
     return Report(ok, "\n".join(lines), docs, results)
+
+
+# ---- the DVC stage `validate` (dvc.yaml, after `shards`) and reading its result ----------------
+RESULT = "validation.json"  # OUT/validation.json: the stage's metrics output
+
+
+class ValidationFailed(RuntimeError):
+    """The GX suites failed on the current data, or no (fresh) validation result exists."""
+
+
+def run_stage(cfg: DataConfig, out: str | Path, gx_root: str | Path | None = None) -> Report:
+    """Validate OUT (curated docs + shards), write OUT/validation.json (success, per-suite counts,
+    the shard digest it validated, Data Docs path, the report) and print the report. Callers exit
+    non-zero when `.success` is False, so a failing suite fails `dvc repro`."""
+    from dsv3.data.version import data_digest
+
+    out = Path(out)
+    rep = validate(out, cfg, gx_root=gx_root)
+    shards = out / "shards"
+    res = {"success": rep.success, "suites": rep.results, "docs": rep.docs_path,
+           "data_digest": data_digest(shards) if shards.is_dir() else None,
+           "failed": sum(s["failed"] for s in rep.results.values()), "report": rep.text}
+    tmp = out / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / RESULT)
+    print(rep.text)
+    return rep
+
+
+def read_validation(data_dir: str | Path = "data", check: bool = True) -> dict:
+    """The `validate` stage's result for DATA_DIR (default `data`, relative to the repo root):
+    {"success", "docs", "suites", "data_digest", "failed", "report"}, the shape the data flow's own
+    validation returned. With `check`, raises ValidationFailed when the result is missing, failed,
+    or was made for other shards than DATA_DIR/shards holds now (run `dvc repro validate`)."""
+    from dsv3.data.version import data_digest
+
+    d = Path(data_dir)
+    p = d / RESULT
+    if not p.is_file():
+        if check:
+            raise ValidationFailed(f"no validation result at {p}: run `dvc repro validate` (or `make data`)")
+        return {}
+    res = json.loads(p.read_text())
+    if not check:
+        return res
+    if not res.get("success"):
+        raise ValidationFailed(f"Great Expectations validation failed ({res.get('failed')} expectations); "
+                               f"Data Docs: {res.get('docs')}\n{res.get('report', '')}")
+    shards = d / "shards"
+    if shards.is_dir() and res.get("data_digest") != (now := data_digest(shards, d.parent)):
+        raise ValidationFailed(f"{p} validated shards {res.get('data_digest')}, but {shards} is now {now}: "
+                               f"run `dvc repro validate`")
+    return res

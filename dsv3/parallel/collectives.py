@@ -4,9 +4,10 @@ Every data-parallel layout in dsv3.train (plain, expert-parallel, pipeline-paral
 few operations on different sets of parameters and process groups; they are written once here:
 - `all_reduce_flat(tensors, divisor, group)` / `mean_grads_(params, divisor, group)`: tensors
   (gradients) flattened into one buffer, summed over `group` with one all-reduce, divided by
-  `divisor`, copied back (DDP's arithmetic: sum / replicas, without the backward overlap). A
-  parameter without a gradient contributes zeros (MoE leaves experts unused on some ranks, so every
-  rank must still send a buffer of the same layout). The division follows the sum, in every layout.
+  `divisor`, copied back (DDP's arithmetic: sum / replicas, after backward; the overlapped version
+  for plain data parallelism is dsv3.parallel.grad_buckets). A parameter without a gradient
+  contributes zeros (MoE leaves experts unused on some ranks, so every rank must still send a buffer
+  of the same layout). The division follows the sum, in every layout.
 - `all_reduce_mean(t, divisor, group, device)`: the same for a small tensor of statistics (loss
   parts), on the model's device (NCCL reduces CUDA tensors only), returned on the CPU.
 - `grad_sq_norm(params)` + `clip_grads_(params, max_norm, sq_norm)`: global-norm clipping when the

@@ -5,6 +5,9 @@
   indices where stages start (None: even split, see stages.layer_split).
 - `ep`, `ep_ranks_per_node`, `max_nodes`: expert-parallel ranks, ranks grouped into a "node", and M of
   node-limited routing (None: the model's own group-limited routing).
+- `bucket_mb`: plain data parallelism all-reduces gradients in buckets of this many MB while backward
+  runs (dsv3/parallel/grad_buckets.py; 0: one flat all-reduce after backward); `zero1`: AdamW state
+  sharded over the data-parallel ranks (dsv3/parallel/zero.py; plain data parallelism only: pp = ep = 1).
 Validation here covers the rules that need only these fields (DualPipe's even pp, num_chunks >= 2·pp,
 node-limited routing); dsv3/train/layout.py `check_layout` adds the run-level ones (dp × pp ranks,
 stages vs layers, batch vs num_chunks, ep vs dp and the experts). Pretraining with `pp > 1` (§3.2.1)
@@ -30,6 +33,8 @@ class ParallelConfig(BaseModel):
     ep: int = Field(1, ge=1)
     ep_ranks_per_node: int = Field(1, ge=1)
     max_nodes: int | None = Field(None, ge=1)
+    bucket_mb: float = Field(25.0, ge=0)
+    zero1: bool = False
     use_gpu: bool | None = None  # Ray workers get one GPU each (NCCL); None: when CUDA is visible to the launcher
 
     @model_validator(mode="after")
@@ -42,6 +47,9 @@ class ParallelConfig(BaseModel):
             raise ValueError(f"ep_ranks_per_node: {self.ep_ranks_per_node} does not divide ep={self.ep}")
         if self.max_nodes is not None and self.max_nodes > self.ep // self.ep_ranks_per_node:
             raise ValueError(f"max_nodes: {self.max_nodes} > number of nodes {self.ep // self.ep_ranks_per_node}")
+        if self.zero1 and (self.pp > 1 or self.ep > 1):
+            raise ValueError(f"zero1: optimizer-state sharding needs plain data parallelism (pp=1, ep=1), got "
+                             f"pp={self.pp}, ep={self.ep}")
         return self
 
     @property

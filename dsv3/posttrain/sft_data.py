@@ -16,6 +16,10 @@ data are instruction/response pairs. Scaled down here:
   teacher URI, counts, sha256). The folder (`data/posttrain` by default) is a DVC out.
 
 Record schema: {id, kind, prompt, answer | null, tests | null, response, source}.
+
+`repro_sft_data` produces the programmatic data through DVC (`dvc repro sft_data`, the stage in
+dvc.yaml reading `posttrain.data.*` from params.yaml), so `dvc.lock` records what post-training
+read; it returns what `stages.stage_data` returns (paths, sha256, MLflow run id) plus DVC's md5.
 """
 
 from __future__ import annotations
@@ -198,3 +202,56 @@ def split(records: list[dict], val_fraction: float, seed: int = 0) -> tuple[list
     random.Random(seed).shuffle(r)
     n_val = max(1, int(len(r) * val_fraction)) if val_fraction > 0 and len(r) > 1 else 0
     return r[n_val:], r[:n_val]
+
+
+SFT_STAGE = "sft_data"  # dvc.yaml stage: writes data/posttrain/{sft_train,sft_val}.jsonl + data/posttrain_stats.json
+
+
+def _mirror_params(repo: Path, data_cfg) -> None:
+    """Write the `posttrain.data` keys the DVC stage reads (dvc.yaml) from `data_cfg` into params.yaml."""
+    import yaml
+
+    from dsv3.config_base import write_params
+
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][SFT_STAGE]
+    keys = [k.removeprefix("posttrain.data.") for k in spec.get("params", []) if k.startswith("posttrain.data.")]
+    params = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    section = params.get("posttrain") or {}
+    want = {**(section.get("data") or {}), **{k: getattr(data_cfg, k) for k in keys}}
+    if section.get("data") != want:
+        write_params(repo / "params.yaml", {"posttrain": {**section, "data": want}})
+
+
+def repro_sft_data(repo: str | Path = ".", cfg=None, parent_run_id: str | None = None, track: bool = True) -> dict:
+    """`dvc repro sft_data` in `repo` (a no-op when params and code are unchanged); returns
+    {"train", "val", "sha256", "run_id", "dvc_md5", "n_train", "n_val"} like `stages.stage_data`.
+
+    `cfg` (a RunConfig): its `posttrain.data` is mirrored into params.yaml first, so DVC decides
+    what re-runs (as the data flow does for `data:`). Rejection-sampled data (`posttrain.data.teacher`)
+    depends on a model DVC does not version: that is `stages.stage_data`'s job, refused here.
+    `track`: one MLflow run (stage `sft_data`, child of `parent_run_id`) with the counts, the dataset
+    input and tag `dvc_data_digest` = DVC's md5 of data/posttrain (the data flow's convention), and
+    the tag `sft_sha256` (the train file's sha256, what `stage_sft` logs as its input)."""
+    from dsv3.data.version import lock_outs, repro
+
+    repo = Path(repo).resolve()
+    if cfg is not None:
+        if cfg.posttrain.data.teacher:
+            raise ValueError(f"posttrain.data.teacher={cfg.posttrain.data.teacher!r}: rejection-sampled SFT data "
+                             "is not a DVC stage; use dsv3.posttrain.stages.stage_data")
+        _mirror_params(repo, cfg.posttrain.data)
+    repro(repo, (SFT_STAGE,))
+    out = repo / "data" / "posttrain"
+    stats = json.loads((repo / "data" / "posttrain_stats.json").read_text())
+    md5 = lock_outs(repo, (SFT_STAGE,))["data/posttrain"]
+    res = {"train": str(out / "sft_train.jsonl"), "val": str(out / "sft_val.jsonl"), "sha256": stats["sha256"],
+           "dvc_md5": md5, "n_train": stats["n_train"], "n_val": stats["n_val"], "run_id": None}
+    if track:
+        from dsv3 import tracking
+
+        with tracking.start_run(cfg if cfg is not None else {"posttrain.data.dvc_stage": SFT_STAGE}, stage=SFT_STAGE,
+                                parent_run_id=parent_run_id, tags={"sft_sha256": res["sha256"]}) as run:
+            tracking.log_metrics({"data/n_train": res["n_train"], "data/n_val": res["n_val"]}, 0)
+            tracking.log_dataset_input(md5, "sft_data", str(out))  # digest and tag dvc_data_digest: DVC's md5
+            res["run_id"] = run.info.run_id
+    return res

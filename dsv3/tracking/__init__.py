@@ -18,7 +18,8 @@ Design choices
   training view rather than its GenAI / traces view.
 - Submodules: registry.py (stage hand-off, aliases, eval linkage), pyfunc_model.py (the
   flavour), _pyfunc_entry.py (its models-from-code entry), lookup.py (what the lifecycle's cache
-  asks the store; writes by run id). Only this package imports mlflow.
+  asks the store; writes by run id), outbox.py (delivery to a tracking server that may go away; see
+  runs.py). Only this package imports mlflow.
 """
 
 from dsv3.tracking.runs import (  # noqa: F401

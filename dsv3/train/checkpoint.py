@@ -12,7 +12,15 @@ Layout of `<out_dir>/checkpoints/step_00000123/`:
 Design choices
 - Atomic: everything is written into `.tmp-step_...` and the directory is renamed into
   place (a rename is atomic on POSIX), so a SIGKILL mid-write leaves only a temp dir,
-  which is ignored and swept on the next save. Files are fsync'ed before the rename.
+  which is ignored and swept on the next save. Files are fsync'ed before the rename and the
+  parent directory after it. Deleting (keep-last-K, or an older copy of the same step) also
+  renames first and removes second, so no half-deleted `step_*` directory is ever seen.
+- A failed write (disk full, file-size limit, I/O error) removes its temp dir and raises one
+  `CheckpointError` naming the checkpoint, the file being written and the cause (`No space left
+  on device`), and that the previous checkpoint is untouched; `dsv3 ...` prints it as one line.
+- Fault injection (tests/faults/test_checkpoint_faults.py): `DSV3_CKPT_FAULT=<point>[@<step>],...`
+  makes `save` write `<root>/.fault-<point>` and pause (`DSV3_CKPT_FAULT_WAIT` s, default 60) at
+  that point, so a test can SIGKILL the real process inside the write (`FAULT_POINTS`).
 - Integrity: `latest()` walks checkpoints newest first and verifies the manifest and
   every checksum; a truncated or corrupt one is skipped with a warning and the
   previous one is used.
@@ -24,11 +32,14 @@ Design choices
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,41 +88,133 @@ def routing_biases(model) -> torch.Tensor:
     return torch.stack([m.gate.e_score_correction_bias.detach().float().cpu() for m in layers])
 
 
-def save(ckpt_root: str | Path, step: int, model, optimizer, state: dict[str, Any], ema=None,
-         tokenizer_dir: str | Path | None = None, keep_last: int = 2) -> Path:
-    root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    name = f"step_{step:08d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+FAULT_POINTS = ("model", "optimizer", "ema", "extra", "state", "manifest", "synced", "renamed", "pruning")
+
+
+def _fault_point(root: Path, point: str, step: int) -> None:
+    """The test hook (module docstring): pause at `point` of `save` when $DSV3_CKPT_FAULT names it."""
+    spec = os.environ.get("DSV3_CKPT_FAULT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.strip().partition("@")
+        if name == point and (not at or int(at) == step):
+            (root / f".fault-{point}").write_text(str(os.getpid()))
+            time.sleep(float(os.environ.get("DSV3_CKPT_FAULT_WAIT", "60")))
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep(ckpt_root: str | Path) -> list[Path]:
+    """Remove what interrupted saves and deletions left (`.tmp-*`); the writer calls it before each save."""
+    stale = sorted(Path(ckpt_root).glob(".tmp-*"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+def _discard(root: Path, d: Path, step: int) -> None:
+    """Delete a checkpoint directory: rename it out of sight first (atomic), then remove it."""
+    doomed = root / f".tmp-drop-{d.name}-{os.getpid()}"
+    os.replace(d, doomed)
+    _fault_point(root, "pruning", step)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _cause(e: BaseException, where: Path) -> str:
+    """The OS-level reason behind a failed write (torch and safetensors hide it in their own errors)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        m = re.search(r"os error (\d+)", str(seen))
+        if m:
+            return os.strerror(int(m.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(where).free < (1 << 20):
+            return f"{os.strerror(28)} (free: {shutil.disk_usage(where).free} bytes)"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _write_files(tmp: Path, step: int, model, optimizer, state: dict[str, Any], ema, tokenizer_dir,
+                 doing: list[str]) -> None:
+    """Every file of one checkpoint into `tmp`, manifest last; `doing[-1]`: the file being written."""
+    root = tmp.parent
+    doing.append("model/")
     (tmp / "model").mkdir()
     model.save_pretrained(tmp / "model")
     copy_tokenizer(tokenizer_dir, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _fault_point(root, "model", step)
+    doing.append("optimizer.pt")
+    with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps its OSError
+        torch.save(optimizer.state_dict(), f)
+    _fault_point(root, "optimizer", step)
     if ema is not None:
+        doing.append("ema.safetensors")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        _fault_point(root, "ema", step)
+    doing.append("extra.safetensors")
     extra = {"rng_cpu": torch.get_rng_state(), "routing_biases": routing_biases(model)}
     if torch.cuda.is_available():
         extra["rng_cuda"] = torch.cuda.get_rng_state()
     save_file(extra, tmp / "extra.safetensors")
+    _fault_point(root, "extra", step)
+    doing.append("state.json")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    _fault_point(root, "state", step)
+    doing.append("manifest.json")
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fault_point(root, "manifest", step)
+    doing.append("(fsync)")
     _fsync_tree(tmp)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(root, keep_last)
+    _fault_point(root, "synced", step)
+
+
+def save(ckpt_root: str | Path, step: int, model, optimizer, state: dict[str, Any], ema=None,
+         tokenizer_dir: str | Path | None = None, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` atomically (module docstring); returns its directory. A failed write
+    raises CheckpointError (checkpoint, file, cause) and leaves nothing of itself behind."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    sweep(root)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}-{os.getpid()}"
+    doing = ["its temp directory"]
+    try:
+        tmp.mkdir()
+        _write_files(tmp, step, model, optimizer, state, ema, tokenizer_dir, doing)
+        doing.append("the rename into place")
+        if final.exists():  # the same step saved again (after a rollback): move the old copy aside first
+            os.replace(final, root / f".tmp-drop-{name}-{os.getpid()}")
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        prev = next((d for d in list_checkpoints(root) if (d / "manifest.json").is_file()), None)
+        raise CheckpointError(f"could not write checkpoint {final}: {_cause(e, root)} (writing {doing[-1]}); "
+                              f"the partial write was removed, the previous checkpoint "
+                              f"{prev or '(none)'} is untouched") from e
+    _fault_point(root, "renamed", step)
+    _prune(root, keep_last, step)
+    sweep(root)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, step: int = 0) -> None:
     done = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _discard(root, old, step)
 
 
 def verify(ckpt: str | Path) -> None:

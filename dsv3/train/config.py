@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     log_checkpoints: bool = True  # log the final checkpoint to MLflow as an artifact
     register_model: bool = True  # a registered model version at the end
     init_from: str | None = None  # a checkpoint / HF dir / MLflow URI to start from (weights only)
+    # shared storage (no shared filesystem, storage.py): s3://bucket[/prefix] or file:///dir; the run lives
+    # at <storage_uri>/<out_dir>. None: $DSV3_CHECKPOINT_URI, else local files only (the laptop default)
+    storage_uri: str | None = None
     # failures
     spike_factor: float = Field(3.0, gt=1)  # loss > factor x running mean (after 20 steps) = spike
     max_bad_steps: int = Field(3, gt=0)  # consecutive skipped steps before a rollback

@@ -58,7 +58,7 @@ def stage_config(cfg, i: int, init_from: str, L0: int):
         seq_len=stage.seq_len, batch_size=stage.batch_size, shards=stage.shards or cfg.train.shards, steps=stage.steps,
         lr=ex.lr, warmup_frac=0.0,
         constant_until=1.0, decay_until=1.0, tail_switch=1.0, batch_ramp_start=None, micro_batch_size=None,
-        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir).resolve() / f"extend_{i + 1}"),
+        init_from=str(init_from), out_dir=str(Path(cfg.train.out_dir) / f"extend_{i + 1}"),
         eval_every=stage.steps, ckpt_every=stage.steps, eval_batches=1, ema=False, register_model=False,
         debug_nan_steps=[],
         debug_kill_rank_at_step=None))
@@ -96,12 +96,13 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
            num_workers: int | None = None) -> dict:
     """Run all extension stages from `init_from` (checkpoint dir, HF dir or MLflow URI)."""
     from dsv3 import tracking
-    from dsv3.train import plots
+    from dsv3.train import plots, storage
     from dsv3.train.loop import train
 
     ex = cfg.train.extend
     L0 = ex.original_max_position_embeddings or cfg.train.seq_len
-    src = Path(tracking.resolve_model_uri(init_from))
+    remote = storage.is_remote(str(init_from))  # a checkpoint / model in shared storage (storage.py)
+    src = Path(storage.local_dir(str(init_from)) if remote else tracking.resolve_model_uri(init_from))
     base_dir = src / "model" if (src / "model" / "config.json").is_file() else src
     tok = _tokenizer(cfg)
     out: dict = {"stages": []}
@@ -109,7 +110,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                             tags={"parent_checkpoint": str(init_from)}) as run:
         out["run_id"] = run.info.run_id
         before, loss_before = passkey_probe(cfg, cfg.model, str(base_dir), tok)
-        prev = str(base_dir)
+        prev = str(init_from) if remote else str(base_dir)  # the workers fetch a storage URI themselves
         for i in range(len(ex.stages)):
             scfg = stage_config(cfg, i, prev, L0)
             print(f"[extend] stage {i + 1}/{len(ex.stages)}: YaRN factor {ex.stages[i].factor:g}, "
@@ -123,7 +124,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                 res = train(scfg, parent_run_id=run.info.run_id, stage=f"extend_{i + 1}").to_json()
             out["stages"].append(res)
             prev = res["model_dir"]
-        after, loss_after = passkey_probe(cfg, scfg.model, prev, tok)
+        after, loss_after = passkey_probe(cfg, scfg.model, storage.local_dir(prev), tok)
         for name, grid in (("before", before), ("after", after)):
             fig = plots.heatmap(grid, ex.passkey_lengths, ex.passkey_depths,
                                 f"passkey token accuracy ({name} extension)", "needle depth", "context length")
@@ -142,7 +143,7 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
             from dsv3.train.loop import shard_dir
             from dsv3.train.run_log import register_stage
 
-            out["model_uri"] = register_stage(cfg, prev, "long", "extend", parent=str(init_from),
+            out["model_uri"] = register_stage(cfg, storage.local_dir(prev), "long", "extend", parent=str(init_from),
                                               data_digest=data_digest(shard_dir(cfg)),
                                               step=sum(s.steps for s in ex.stages))
             out["model_version"] = out["model_uri"].rsplit("/", 1)[1]

@@ -47,6 +47,7 @@ from dsv3.data.tokenizer import check_vocab, load_tokenizer
 from dsv3.data.version import data_digest
 from dsv3.parallel import collectives
 from dsv3.train import checkpoint as ckpt
+from dsv3.train import storage
 from dsv3.train.stream import PackedStream
 from dsv3.train.ema import CpuEMA
 from dsv3.train.layout import build_step, check_layout
@@ -113,11 +114,14 @@ class StepOutcome:
 
 
 def shard_dir(cfg) -> str:
-    return cfg.train.shards or str(Path(cfg.data.out_dir) / "shards")
+    """The shards, local (a storage URI is fetched into this node's cache and verified: storage.py)."""
+    return storage.local_shards(cfg.train.shards or str(Path(cfg.data.out_dir) / "shards"))
 
 
 def tokenizer_dir(cfg) -> str | None:
     path = cfg.train.tokenizer or str(Path(cfg.data.out_dir) / "tokenizer")
+    if storage.is_remote(path):
+        return storage.local_dir(path)
     return path if Path(path).is_dir() else None
 
 
@@ -138,7 +142,7 @@ class Trainer:
         self.step = build_step(cfg, self.device)  # shards / frees in place: before the optimizer and EMA
         self.model = self.step.model
         self.model.train()
-        self.opt = make_optimizer(self.model, tcfg)
+        self.opt = make_optimizer(self.model, tcfg, zero1=cfg.parallel.zero1)
         self.ema = CpuEMA(self.model, tcfg.ema_decay) if tcfg.ema else None
         self.sched = Schedules(tcfg, cfg.model, self.step.data_world)
         self.shards = shard_dir(cfg)
@@ -150,6 +154,7 @@ class Trainer:
                         model_name="(run config)")
         self.out_dir = Path(tcfg.out_dir).resolve()
         self.ckpt_root = self.out_dir / "checkpoints"
+        self.ckpts = storage.checkpoints(cfg, self.out_dir, self.rank, self.world)  # local, or shared storage
         self.log = RunLog(self.out_dir, stage, self.rank)
         self.n_moe = len(self.model.moe_layers())
         self.state = RunState(load_total=torch.zeros(self.n_moe, cfg.model.n_routed_experts, dtype=torch.float64))
@@ -166,7 +171,7 @@ class Trainer:
         """Resume from the latest valid checkpoint (when asked and there is one); keep the metrics
         records up to its step; measure the matmul peak MFU is reported against."""
         if resume:
-            latest = ckpt.latest(self.ckpt_root)
+            latest = self.ckpts.latest()
             if latest is not None:
                 self.state.update(self.step.load(latest, self.opt, self.ema))
                 self.resumed_from = str(latest)
@@ -354,6 +359,7 @@ class Trainer:
         if self.rank == 0:
             path = ckpt.save(self.ckpt_root, step, model, opt_state, self.state.to_json(), ema=ema_state,
                              tokenizer_dir=tokenizer_dir(self.cfg), keep_last=self.tcfg.keep_last)
+            self.ckpts.saved(path, self.log.metrics_path)
         if self.world > 1:
             dist.barrier()
         return path
@@ -365,7 +371,7 @@ class Trainer:
         if state.bad < self.tcfg.max_bad_steps:
             return
         latest = ckpt.latest(self.ckpt_root) if self.rank == 0 or self.world == 1 else None
-        latest = collectives.broadcast_object(str(latest) if latest else None)
+        latest = self.ckpts.fetch(collectives.broadcast_object(str(latest) if latest else None))
         if latest is None:
             state.bad = 0
             return
@@ -387,7 +393,7 @@ class Trainer:
         if self.rank != 0:
             return result
         latest = ckpt.latest(self.ckpt_root)
-        result.checkpoint = str(latest) if latest else None
+        result.checkpoint = self.ckpts.uri(latest)
         result.final = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k != "step"}
         result.final.update(self.last_val)
         final_dir = self.out_dir / "final"
@@ -397,7 +403,7 @@ class Trainer:
             shutil.copytree(latest / "model", tmp)
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp, final_dir)
-            result.model_dir = str(final_dir)
+            result.model_dir = self.ckpts.publish(final_dir)
         if run is not None:
             from dsv3 import tracking
 

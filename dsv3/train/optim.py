@@ -8,12 +8,17 @@ Design choices
   change the GEMMs (§3.3.1). `foreach` is kept (deterministic on CPU).
 - The LR is set per step by the loop from `Schedules.lr` (no torch LR scheduler object:
   the step index fully determines it, so resume is exact).
+- `parallel.zero1` (plain data parallelism): the state sharded over the ranks (dsv3.parallel.zero.Zero1,
+  ZeRO stage 1); each rank steps its parameters and all-gathers the rest; checkpoints unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dsv3.parallel import collectives
+from dsv3.parallel.zero import Zero1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -40,9 +45,14 @@ def group_names(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> l
     return [[name_of[id(p)] for p in group["params"]] for group in groups]
 
 
-def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
-                             betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay)
+def make_optimizer(model: nn.Module, tcfg, zero1: bool = False) -> torch.optim.AdamW | Zero1:
+    """AdamW over `model`'s groups; zero1 (with more than one rank): its state sharded over the world."""
+    def adamw(groups: list[dict]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps,
+                                 weight_decay=tcfg.weight_decay)
+
+    groups = param_groups(model, tcfg.weight_decay)
+    return Zero1(groups, adamw) if zero1 and collectives.world()[1] > 1 else adamw(groups)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

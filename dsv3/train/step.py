@@ -4,10 +4,15 @@
 picks the implementation from `cfg.parallel`:
 - `PlainStep` (this file): one process, or every rank of a data-parallel group. Ranks build the same
   model from the same seed, read disjoint slices of each global batch (data.py) and average
-  gradients with one flat all-reduce per optimizer step (dsv3.parallel.collectives). Not DDP:
-  MoE leaves different experts unused on different ranks and micro-batches (DDP would need
-  find_unused_parameters and per-step graph scans); the arithmetic is DDP's (sum / world), without
-  the backward overlap.
+  gradients (sum / world, DDP's arithmetic) in buckets all-reduced while the last micro-batch's
+  backward runs (dsv3.parallel.grad_buckets, `parallel.bucket_mb`; 0: one flat all-reduce after
+  backward, dsv3.parallel.collectives). DDP's scheme, not the DDP wrapper: the loop drives the bare
+  model (MTP weight, expert loads, bias update, EMA, checkpoints) and the sum-then-divide arithmetic
+  stays the flat path's. MoE leaves different experts unused on different ranks and micro-batches:
+  as with DDP's find_unused_parameters, a walk of the last micro-batch's autograd graph marks them
+  ready with zero gradients, so every rank launches the same buckets in the same order. `parallel.zero1` shards
+  the AdamW state over the ranks (dsv3.parallel.zero, built by optim.make_optimizer); `full_state`
+  gathers it to rank 0 in the unsharded format.
 - `ExpertStep` (expert_step.py, §3.2.2): the routed experts sharded over EP groups of the data ranks.
 - `PipelineStep` (pipeline_step.py, §3.2.1): the model split into stages over pipeline ranks
   (DualPipe / DualPipeV / 1F1B), optionally with expert parallelism inside each stage position.
@@ -38,6 +43,8 @@ from torch import nn
 
 from dsv3.model.transformer import DeepSeekV3
 from dsv3.parallel import collectives
+from dsv3.parallel.grad_buckets import GradBuckets
+from dsv3.parallel.zero import Zero1
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.stream import PackedStream, bits_per_byte
 from dsv3.train.precision import Precision
@@ -130,6 +137,18 @@ class PlainStep:
         self.device = model.device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.params)
+        self.bucket_mb = cfg.parallel.bucket_mb
+        self._buckets: GradBuckets | None = None
+
+    def grad_buckets(self) -> GradBuckets | None:
+        """The overlapped reduction of this class's sync_grads (built on first use, over `params`); None: the
+        flat all-reduce (one rank, bucket_mb = 0, or a subclass with its own sync_grads: ExpertStep
+        reduces its expert slices over replica groups, with the flat path)."""
+        if self.world == 1 or not self.bucket_mb or type(self).sync_grads is not PlainStep.sync_grads:
+            return None
+        if self._buckets is None:
+            self._buckets = GradBuckets(self.params, self.world, bucket_mb=self.bucket_mb)
+        return self._buckets
 
     def forward_backward(self, x: torch.Tensor, micro_batch: int, mtp_weight: float,
                          poison: bool = False) -> torch.Tensor:
@@ -138,12 +157,15 @@ class PlainStep:
         self.model.mtp_loss_weight = mtp_weight
         accum = x.shape[0] // micro_batch
         sums = torch.zeros(3 + self.cfg.model.num_nextn_predict_layers, dtype=torch.float64)
+        buckets = self.grad_buckets()
         for i in range(accum):
             xb = x[i * micro_batch:(i + 1) * micro_batch]
             with self.precision.autocast(self.device):
                 out = self.model(xb, labels=xb)
             if poison:
                 out.loss = out.loss * float("nan")
+            if buckets is not None and i == accum - 1:
+                buckets.arm(out.loss)  # only the last micro-batch's backward communicates (no_sync before)
             (out.loss / accum).backward()
             sums += loss_parts(out, len(sums) - 3) / accum
         return sums
@@ -151,7 +173,11 @@ class PlainStep:
     def sync_grads(self, sums: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return sums
-        collectives.mean_grads_(self.params, self.world)
+        buckets = self.grad_buckets()
+        if buckets is None:
+            collectives.mean_grads_(self.params, self.world)
+        else:
+            buckets.finish()
         return collectives.all_reduce_mean(sums, self.world, device=self.device)
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -161,13 +187,24 @@ class PlainStep:
         return evaluate(self.model, stream, batches, batch, self.precision, self.rank, self.world)
 
     def full_state(self, opt, ema=None) -> tuple:
+        """(model, optimizer, EMA) to save on rank 0; with a sharded optimizer (zero1) a collective that
+        gathers the whole optimizer state to rank 0 ((None, None, None) elsewhere)."""
+        if isinstance(opt, Zero1):
+            whole = opt.full_state_dict()
+            return (self.model, ckpt.StateDict(whole), ema) if whole is not None else (None, None, None)
         return self.model, opt, ema
 
     def load(self, path: str | Path, opt=None, ema=None) -> dict:
         return ckpt.load(path, self.model, opt, ema, part=self.part)
 
     def step_metrics(self, log_due: bool) -> dict:
-        return {}
+        """With overlapped data parallelism: seconds this rank blocked on gradient buckets and how many
+        buckets the backward launched (of all)."""
+        stats = self._buckets.stats() if self._buckets is not None else {}
+        if not stats:
+            return {}
+        return {"perf/grad_wait_s": stats["wait_s"], "perf/grad_buckets": stats["buckets"],
+                "perf/grad_buckets_in_backward": stats["launched_in_backward"]}
 
     def artifacts(self, out_dir: Path) -> list[Path]:
         return []

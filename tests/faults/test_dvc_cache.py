@@ -24,6 +24,7 @@ import yaml
 
 from dsv3.data.integrity import verify_outs
 from dsv3.data.shards import ShardError, TokenShards
+from dsv3.data.version import data_digest
 from tests.data.conftest import make_corpus
 from tests.dvc_helpers import ROOT, dvc, sh
 
@@ -183,10 +184,10 @@ def _curated_mtimes(repo: Path) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_data_flow_stops_on_a_silently_corrupted_shard_then_rebuilds(repo, prefect_harness, tmp_path, monkeypatch):
-    from flows.data import data_flow, data_version
+    from flows.data import data_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
-    digest, _ = data_version(repo)
+    digest = data_digest(repo / "data" / "shards", repo)
     curated = _curated_mtimes(repo)
     _flip(_obj(repo, "train.bin"), read_only=True)
     shutil.rmtree(repo / "data" / "shards")
@@ -204,10 +205,10 @@ def test_data_flow_stops_on_a_silently_corrupted_shard_then_rebuilds(repo, prefe
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_data_flow_repairs_a_visibly_corrupted_cache_and_workspace(repo, prefect_harness, tmp_path, monkeypatch):
-    from flows.data import data_flow, data_version
+    from flows.data import data_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
-    digest, _ = data_version(repo)
+    digest = data_digest(repo / "data" / "shards", repo)
     curated = _curated_mtimes(repo)
     _flip(_obj(repo, "train.bin"))  # a writable, changed cache object: DVC drops it and the stage re-runs
     _flip(repo / "data" / "shards" / "val.bin")  # a changed workspace out

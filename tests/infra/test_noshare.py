@@ -1,0 +1,202 @@
+"""No shared filesystem, for real: pretraining, context extension and SFT against the server-mode stack
+(infra/stack.py: PostgreSQL-backed MLflow server with proxied S3 artifacts, moto S3, two Ray nodes with
+their own working and temp dirs) brought up in a temp dir.
+
+Every driver is a fresh Python process with only the stack's exports (`source .stack/env`: the storage
+URI comes from $DSV3_CHECKPOINT_URI) in its own EMPTY working directory; inputs (shards, tokenizer) were
+uploaded to S3 beforehand from a directory the drivers never see, and models are handed on by MLflow
+registry URIs. Afterwards each driver's working dir must still be empty: nothing a worker needed (or
+wrote) was there. The two-node run places one worker per node (one logical CPU each, SPREAD), kills
+one mid-run (Ray Train restarts the group: resume from S3), and is also killed for good and
+restarted as a new job with resume=True (resume from S3 again, in another working dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.infra.stack_helpers import REPO
+
+pytestmark = pytest.mark.slow
+CONFIG = str(REPO / "configs" / "pretrain_tiny.yaml")
+
+
+def _driver(code: str, stack: dict, cwd: Path, cache: Path, timeout: float = 420) -> tuple[dict, str]:
+    """Run `code` (which prints one JSON line last) as a driver process in `cwd`; (that JSON, its stdout)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **stack["env"], "PYTHONPATH": str(REPO), "DSV3_CACHE_DIR": str(cache),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout
+
+
+def _empty(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def inputs(stack, tmp_path_factory):
+    """Shards and a chat tokenizer built in a private dir, uploaded to the stack's S3 (then deleted), the
+    local copies kept only for the single-process reference run."""
+    src = tmp_path_factory.mktemp("datasrc")
+    out, _ = _driver(f"""
+        import json, os
+        from dsv3.data.chat import build_chat_tokenizer, load_tokenizer
+        from dsv3.posttrain.config import DataGenConfig
+        from dsv3.posttrain.sft_data import build_sft_dataset
+        from dsv3.train import storage
+        from tests.train.conftest import make_shards
+
+        recs = build_sft_dataset(DataGenConfig(n_arithmetic=300, n_algebra=60, n_code=20, seed=1))
+        build_chat_tokenizer([r["prompt"] + "\\n" + r["response"] for r in recs], vocab_size=512, out_dir="tok")
+        tok = load_tokenizer("tok")
+        shards = make_shards("shards", vocab=512, n_docs=200)
+        base = os.environ["DSV3_CHECKPOINT_URI"]  # the stack's bucket
+        print(json.dumps({{"shards": storage.push_shards(shards, base),
+                          "tokenizer": storage.push_dir("tok", base + "/inputs/test-tokenizer"),
+                          "ids": [len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]}}))
+    """, stack, src, tmp_path_factory.mktemp("upcache"))
+    n, bos, eos, pad = out["ids"]
+    assert n <= 512
+    model = [f"model.bos_token_id={bos}", f"model.eos_token_id={eos}", f"model.pad_token_id={pad}"]
+    return {**out, "local_shards": str(src / "shards"), "local_tok": str(src / "tok"), "model": model}
+
+
+def _overrides(inputs: dict, *extra: str) -> list[str]:
+    return [f"train.shards={inputs['shards']}", f"train.tokenizer={inputs['tokenizer']}", "train.out_dir=runs/noshare",
+            "train.ckpt_every=2", "train.keep_last=2", "train.plots=false", "train.log_checkpoints=false",
+            "train.warmup_frac=0.2", "train.threads=1", "parallel.dp=2", *inputs["model"], *extra]
+
+
+def _s3(stack):
+    sys.path.insert(0, str(REPO / "infra"))
+    import stack as stack_mod
+
+    return stack_mod.s3_client(stack["env"])
+
+
+def _losses(text: str) -> list[float]:
+    got = {r["step"]: r["train/loss"] for r in map(json.loads, text.splitlines()) if "train/loss" in r}
+    return [got[k] for k in sorted(got)]
+
+
+RUN = """
+    import json
+    from dsv3.config import RunConfig
+    from dsv3.train.launcher import run_training
+    cfg = RunConfig.load({config!r}, {overrides!r})
+    try:
+        res = run_training(cfg, resume={resume}, placement_strategy="SPREAD")
+    except Exception as e:  # a job that ran out of restarts
+        res = {{"error": type(e).__name__ + ": " + str(e)[:500]}}
+    print(json.dumps(res))
+"""
+
+
+def test_two_node_pretraining_resumes_from_s3_after_a_killed_worker_and_a_job_restart(stack, inputs, tmp_path):
+    from dsv3.config import RunConfig
+    from dsv3.train.loop import train
+
+    # the reference: one process, local files, no storage
+    ref_dir = tmp_path / "ref"
+    ref_cfg = RunConfig.load(CONFIG, _overrides(inputs, f"train.out_dir={ref_dir}", f"train.shards={inputs['local_shards']}",
+                                                f"train.tokenizer={inputs['local_tok']}", "parallel.dp=1"))
+    train(ref_cfg, track=False)
+    reference = _losses((ref_dir / "metrics.jsonl").read_text())
+    assert len(reference) == 6
+
+    # job 1: rank 1 is SIGKILLed at step 3 and no restart is allowed: the job fails, step 2 is in S3
+    d1, d2, cache = tmp_path / "driver1", tmp_path / "driver2", tmp_path / "driver-cache"
+    ov1 = _overrides(inputs, "train.debug_kill_rank_at_step=3", "train.max_failures=0")
+    out1, _ = _driver(RUN.format(config=CONFIG, overrides=ov1, resume=False), stack, d1, cache)
+    assert "error" in out1, out1
+    s3 = _s3(stack)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dsv3-checkpoints", Prefix="runs/noshare/")["Contents"]]
+    assert "runs/noshare/checkpoints/step_00000002/manifest.json" in keys
+    assert "runs/noshare/launch.json" in keys and "runs/noshare/metrics.jsonl" in keys
+
+    # job 2: a new job in another empty dir resumes from S3 (step 2); rank 1 is killed at step 5, Ray Train
+    # restarts the group, which resumes from S3 again (step 4) and finishes
+    ov2 = _overrides(inputs, "train.debug_kill_rank_at_step=5", "train.max_failures=1", "train.register_model=true")
+    res, stdout = _driver(RUN.format(config=CONFIG, overrides=ov2, resume=True), stack, d2, cache)
+    assert "error" not in res, res
+    assert "resumed from" in stdout and "step 2)" in stdout, stdout[-3000:]
+    assert "worker group restarted (attempt 2)" in stdout and "(step 4)" in stdout, stdout[-3000:]
+    assert res["attempt"] == 2
+    assert res["checkpoint"] == "s3://dsv3-checkpoints/runs/noshare/checkpoints/step_00000006"
+    assert res["model_dir"] == "s3://dsv3-checkpoints/runs/noshare/final" and res["model_version"] == "1"
+    # one worker per node, each in its own node's Ray working dir, none in the driver's
+    nodes = {w["node_id"] for w in res["workers"]}
+    assert len(nodes) == 2, res["workers"]
+    ray_dir = (stack["state"] / "ray").resolve()
+    tops = {Path(w["cwd"]).resolve().relative_to(ray_dir).parts[0] for w in res["workers"]}
+    assert tops == {"head-tmp", "node2-tmp"}, res["workers"]
+    # the run in S3: keep_last=2 checkpoints, the whole metrics history equal to one process
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dsv3-checkpoints", Prefix="runs/noshare/")["Contents"]]
+    steps = sorted({k.split("/")[3] for k in keys if k.startswith("runs/noshare/checkpoints/")})
+    assert steps == ["step_00000004", "step_00000006"]
+    metrics = s3.get_object(Bucket="dsv3-checkpoints", Key="runs/noshare/metrics.jsonl")["Body"].read().decode()
+    assert _losses(metrics) == pytest.approx(reference, rel=1e-4)  # DP grads = mean of half-batch grads
+    # the drivers' working dirs: nothing there, before or after
+    assert _empty(d1) == [] and _empty(d2) == []
+
+
+def test_extension_stage_from_the_registry_on_two_nodes(stack, inputs, tmp_path):
+    d = tmp_path / "driver"
+    ov = _overrides(inputs, "train.out_dir=runs/noshare-ext", "train.register_model=true")
+    res, stdout = _driver(f"""
+        import json
+        from dsv3.config import RunConfig
+        from dsv3.train.extend import extend
+        cfg = RunConfig.load({CONFIG!r}, {ov!r})
+        out = extend(cfg, "models:/dsv3/1", use_ray=True, num_workers=2)
+        print(json.dumps({{k: out[k] for k in ("stages", "model_dir", "model_version", "passkey_after")}}))
+    """, stack, d, tmp_path / "driver-cache")
+    assert [s["model_dir"] for s in res["stages"]] == [
+        "s3://dsv3-checkpoints/runs/noshare-ext/extend_1/final", "s3://dsv3-checkpoints/runs/noshare-ext/extend_2/final"]
+    assert all(len({w["node_id"] for w in s["workers"]}) == 2 for s in res["stages"])
+    assert res["model_version"] == "2"
+    assert _empty(d) == []
+
+
+def test_sft_reads_and_writes_models_through_the_registry(stack, inputs, tmp_path):
+    """Post-training runs in its driver: its input is the extended model from the registry server, its
+    output a new registered version readable from another empty directory once the scratch is gone."""
+    d, scratch = tmp_path / "driver", tmp_path / "scratch"
+    pt = ["posttrain.sft.max_steps=3", "posttrain.sft.batch_size=4", f"posttrain.out_dir={scratch}/posttrain",
+          f"posttrain.data.out_dir={scratch}/sft-data", *inputs["model"]]
+    res, _ = _driver(f"""
+        import json
+        from dsv3 import tracking
+        from dsv3.config import RunConfig
+        from dsv3.posttrain import stages
+        cfg = RunConfig.load({str(REPO / "configs" / "posttrain_tiny.yaml")!r}, {pt!r})
+        data = stages.stage_data(cfg)
+        sft = stages.stage_sft(cfg, "models:/dsv3/2", data, {str(scratch / "sft")!r})
+        with tracking.start_run(cfg, "sft-register"):
+            sm = tracking.register_stage_model(sft["ckpt"], "dsv3-sft", parent_model="models:/dsv3/2")
+        print(json.dumps({{"version": sm.version, "parent": sm.tags.get("parent_model"), "steps": sft["steps"]}}))
+    """, stack, d, tmp_path / "driver-cache")
+    assert res["parent"] == "models:/dsv3/2" and res["steps"] == 3
+    import shutil
+
+    shutil.rmtree(scratch)
+    d2 = tmp_path / "reader"
+    back, _ = _driver(f"""
+        import json
+        from pathlib import Path
+        from dsv3 import tracking
+        p = Path(tracking.resolve_model_uri("models:/dsv3-sft/{res['version']}", dst={str(tmp_path / "back")!r}))
+        print(json.dumps({{"files": sorted(x.name for x in p.iterdir())}}))
+    """, stack, d2, tmp_path / "reader-cache")
+    assert "config.json" in back["files"] and "tokenizer.json" in back["files"]
+    assert _empty(d) == [] and _empty(d2) == []
