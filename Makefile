@@ -9,10 +9,13 @@ export PYTHONUNBUFFERED := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
 
 CONFIG ?= configs/pretrain_small.yaml
+LIFECYCLE_CONFIG ?= configs/lifecycle.yaml
+FORCE ?=
+INIT ?=
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
+.PHONY: help sysdeps install test test-fast lifecycle pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
 	prefect-ui deploy deploy-down screenshots clean stack-up stack-down stack-status stack-env
 
 help: ## list the targets
@@ -36,10 +39,13 @@ test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+lifecycle: sysdeps $(STAMP) ## data -> pretrain -> extend -> post-train -> evaluate -> gate -> promote, one cached flow (FORCE=stage)
+	$(BIN)/python -m flows.lifecycle --config $(LIFECYCLE_CONFIG) $(if $(FORCE),--force $(FORCE))
+
 data: $(STAMP) eval-data-ready ## curate the built-in corpus with DVC (dvc repro) and validate it
 	$(BIN)/python -m flows.data
 
-pretrain: $(STAMP) eval-data-ready ## data -> pretrain (small preset) -> context extension, tracked in MLflow
+pretrain: $(STAMP) eval-data-ready ## data -> pretrain (small preset) -> context extension; registers dsv3-base, dsv3-long
 	$(BIN)/python -m flows.pretrain --config $(CONFIG)
 
 eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data (again)
@@ -50,11 +56,11 @@ eval-data: $(STAMP) ## extract offline MMLU / DROP / HumanEval data (again)
 eval-data-ready: $(STAMP)
 	@$(BIN)/python -m dsv3.evals.offline_data --if-missing
 
-eval: $(STAMP) eval-data-ready ## evaluate the latest checkpoint (CKPT=..., LIMIT=...)
+eval: sysdeps $(STAMP) eval-data-ready ## evaluate dsv3-chat@champion, else the furthest stage's candidate (CKPT=..., LIMIT=...)
 	$(BIN)/python -m flows.evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(LIMIT),--limit $(LIMIT))
 
-posttrain: $(STAMP) ## SFT -> reward model -> GRPO from the latest pretrained checkpoint
-	$(BIN)/python -m flows.posttrain
+posttrain: $(STAMP) ## SFT -> reward model -> GRPO from dsv3-long@champion, else @candidate (INIT=uri|path|fresh)
+	$(BIN)/python -m flows.posttrain $(if $(INIT),--init $(INIT))
 
 MODEL ?= models:/dsv3-chat@champion
 serve: $(STAMP) ## OpenAI-compatible server on the champion chat model (MODEL=..., ARGS="--port 8000 ...")

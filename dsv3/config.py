@@ -22,6 +22,7 @@ from dsv3.config_base import apply_override, format_errors  # noqa: F401  (their
 from dsv3.data.config import DataConfig
 from dsv3.errors import ConfigError  # noqa: F401  (re-exported)
 from dsv3.evals.config import EvalConfig
+from dsv3.lifecycle.config import LifecycleConfig
 from dsv3.model.config import PRESETS, ModelConfig
 from dsv3.parallel.config import ParallelConfig
 from dsv3.posttrain.config import PostTrainConfig
@@ -36,6 +37,33 @@ class TrackingConfig(BaseModel):
     registered_model: str = "dsv3"
 
 
+# lifecycle stage -> the config paths its result depends on (RunConfig.section)
+STAGE_SECTIONS = {
+    "data": ("data",),
+    "pretrain": ("model", "train", "parallel"),  # train without `extend` (BOOKKEEPING)
+    "extend": ("model", "train", "parallel"),
+    "posttrain": ("posttrain", "train.precision"),
+    "eval": ("eval", "lifecycle.heldout"),
+}
+_TRAIN_BOOKKEEPING = ("out_dir", "shards", "tokenizer", "threads", "log_every", "plots", "log_checkpoints",
+                      "register_model", "keep_last", "max_failures", "init_from")
+BOOKKEEPING = {  # dotted keys inside a section that do not change what a stage produces
+    "data": ("workers", "ray_address", "batch_size"),
+    "train": _TRAIN_BOOKKEEPING,
+    "posttrain": ("init", "out_dir", "data.out_dir"),
+    "parallel": ("use_gpu",),
+}
+
+
+def _drop(data: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest:
+        if isinstance(data.get(head), dict):
+            _drop(data[head], rest)
+    else:
+        data.pop(head, None)
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -48,6 +76,7 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     posttrain: PostTrainConfig = Field(default_factory=PostTrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -70,6 +99,24 @@ class RunConfig(BaseModel):
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         return config_base.validate_config(cls, d)
+
+    def section(self, stage: str) -> dict[str, Any]:
+        """The part of the config a lifecycle stage's result depends on (`STAGE_SECTIONS`), as JSON
+        data: what its `config_digest` lineage tag and its cache key hash. Bookkeeping fields
+        (paths, threads, logging, the start pointer; `BOOKKEEPING`) are left out, so a Ray worker's
+        absolute paths or another output folder do not make a different model."""
+        if stage not in STAGE_SECTIONS:
+            raise ValueError(f"unknown lifecycle stage {stage!r}: expected one of {', '.join(STAGE_SECTIONS)}")
+        out = {}
+        for path in STAGE_SECTIONS[stage]:
+            node: Any = self
+            for part in path.split("."):
+                node = getattr(node, part)
+            data = node.model_dump(mode="json") if isinstance(node, BaseModel) else node
+            for key in BOOKKEEPING.get(path, ()) + (("extend",) if (stage, path) == ("pretrain", "train") else ()):
+                _drop(data, key)
+            out[path] = data
+        return out
 
     def flatten(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (`dsv3.config_base.flatten`)."""

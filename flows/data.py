@@ -1,13 +1,14 @@
-"""Prefect flow `data`: dvc repro -> Great Expectations -> MLflow + Prefect artifact (§4.1).
+"""Prefect flow `data`: dvc repro (curate -> tokenizer -> shards -> validate) -> MLflow + Prefect artifact (§4.1).
 
-Thin by design: the work is in dsv3.data (stages, `version`, `report`), DVC (what to
-rebuild) and dsv3.tracking (MLflow). The flow parameter is the `DataConfig` (a form in the
-Prefect UI); when given it is mirrored into params.yaml's `data:` section before `dvc repro`,
-so DVC decides what re-runs. The data version is `dsv3.data.version.data_digest` of the
-shards (DVC's md5 of `data/shards`, the value training logs too); it is logged with
-`mlflow.log_input`, as the run tag `dvc_data_digest` and in the markdown artifact. A failing
-GX suite fails the flow (non-zero exit from `python -m flows.data`) after printing the report
-and the Data Docs path.
+Thin by design: the work is in dsv3.data (stages, `version`, `report`), DVC (what to rebuild;
+the Great Expectations suites are its `validate` stage, whose result the flow reads back with
+`dsv3.data.validate.read_validation`) and dsv3.tracking (MLflow). The flow parameter is the
+`DataConfig` (a form in the Prefect UI); when given it is mirrored into params.yaml's `data:`
+section before `dvc repro`, so DVC decides what re-runs. The data version is
+`dsv3.data.version.data_digest` of the shards (DVC's md5 of `data/shards`, the value training logs
+too); it is logged with `mlflow.log_input`, as the run tag `dvc_data_digest` and in the markdown
+artifact. A failing GX suite fails `dvc repro` and so the flow (non-zero exit from
+`python -m flows.data`), with the report and the Data Docs path; `--no-validate` skips the stage.
 
     python -m flows.data [--repo .] [--set data.k=v ...] [--no-validate]
 """
@@ -42,33 +43,33 @@ def write_params(repo: str, cfg: DataConfig) -> None:
 
 
 @task
-def dvc_repro(repo: str) -> str:
-    out = version.repro(repo, DATA_STAGES)
+def dvc_repro(repo: str, stages: tuple[str, ...] = DATA_STAGES) -> str:
+    out = version.repro(repo, stages)
     get_run_logger().info(out[-4000:])
     return out
 
 
 @task
-def validate_data(repo: str, cfg: DataConfig) -> dict:
-    from dsv3.data.validate import validate
+def validation(repo: str) -> dict:
+    """The GX result the DVC stage `validate` wrote (a failed or stale one raises, naming Data Docs)."""
+    from dsv3.data.validate import read_validation
 
-    rep = validate(Path(repo) / "data", cfg, gx_root=repo)
-    print(rep.text)
-    if not rep.success:
-        raise RuntimeError(f"Great Expectations validation failed; Data Docs: {rep.docs_path}\n{rep.text}")
-    return {"success": rep.success, "docs": rep.docs_path, "suites": rep.results}
+    res = read_validation(Path(repo) / "data")
+    print(res.get("report", ""))
+    return {"success": res["success"], "docs": res.get("docs"), "suites": res.get("suites")}
 
 
-@task
-def track(repo: str, cfg: DataConfig, validation: dict) -> dict:
+@task(retries=2, retry_delay_seconds=5)
+def track(repo: str, cfg: DataConfig, validation: dict, parent_run_id: str | None = None,
+          tags: dict | None = None) -> dict:
     from dsv3 import tracking
 
     data = Path(repo) / "data"
     digest = version.data_digest(data / "shards", repo)
     outs = version.lock_outs(repo, DATA_STAGES)
     metrics = report.metrics(data)
-    with tracking.start_run({"data": cfg.model_dump(mode="json")}, stage="data",
-                            tags={"dvc_data_digest": digest}) as run:
+    with tracking.start_run({"data": cfg.model_dump(mode="json")}, stage="data", parent_run_id=parent_run_id,
+                            tags={**(tags or {}), "dvc_data_digest": digest}) as run:
         tracking.log_dataset_input(digest, name="dsv3-data", source=str((data / "shards").resolve()),
                                    context="curation")
         tracking.log_metrics(metrics)
@@ -81,17 +82,19 @@ def track(repo: str, cfg: DataConfig, validation: dict) -> dict:
 
 
 @flow(name="data", log_prints=True)
-def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bool = True) -> dict:
-    """Curate -> tokenizer -> shards with DVC, validate with GX, log version + stats."""
+def data_flow(cfg: DataConfig | None = None, repo: str = ".", run_validation: bool = True,
+              parent_run_id: str | None = None, tags: dict | None = None) -> dict:
+    """Curate -> tokenizer -> shards -> GX validation with DVC, log version + stats (the MLflow run
+    nested under `parent_run_id` when given, with `tags` added)."""
     repo = str(Path(repo).resolve())
     if cfg is not None:
         write_params(repo, cfg)
     else:
         cfg = load_data_config(_params(repo))
-    dvc_repro(repo)
-    validation = validate_data(repo, cfg) if run_validation else {"success": True, "docs": None}
-    out = track(repo, cfg, validation)
-    return {**out, "validation": validation}
+    dvc_repro(repo, DATA_STAGES if run_validation else tuple(s for s in DATA_STAGES if s != "validate"))
+    checked = validation(repo) if run_validation else {"success": True, "docs": None}
+    out = track(repo, cfg, checked, parent_run_id, tags)
+    return {**out, "validation": checked}
 
 
 def _params(repo: str) -> str:

@@ -1,9 +1,15 @@
-"""Prefect flow `pretrain`: data flow -> pretraining on Ray Train -> YaRN context extension.
+"""Prefect flows `pretrain` (data -> pretraining on Ray Train -> YaRN context extension) and `extend`.
 
-Thin by design: each task calls one dsv3 function and passes MLflow run ids
-and checkpoint URIs on. The flow parameter is the whole `RunConfig` (a form in the
-Prefect UI). MLflow: one parent run `pipeline` with child runs `pretrain` and `extend`
-(whose stages are its children); the data flow logs its own `data` run, linked by tag.
+Thin by design: each task calls one dsv3 function and passes MLflow run ids and registry URIs on.
+The flow parameter is the whole `RunConfig` (a form in the Prefect UI). MLflow: one parent run
+`pipeline` with child runs `pretrain` and `extend` (whose stages are its children); the data flow
+logs its own `data` run, linked by tag. Registry hand-off: pretraining registers
+`<tracking.registered_model>-base`, the extension starts from that version
+(`models:/dsv3-base/N`) and registers `-long` with it as `parent_model`; both get alias
+`candidate`. `extend` alone (`extend_flow`, the lifecycle's extension stage) runs the YaRN stages
+from a given model. Ray is started by its own retried task; a progress artifact follows
+pretraining (the driver reads the progress lines rank 0 writes) and a link artifact opens each
+stage's MLflow run.
 
     python -m flows.pretrain --config configs/pretrain_small.yaml [--set k=v ...] [--no-data] [--no-ray]
 """
@@ -24,32 +30,56 @@ from dsv3.config import RunConfig  # noqa: E402
 from dsv3.config_base import config_error_exit  # noqa: E402
 from dsv3.errors import ConfigError  # noqa: E402
 from dsv3.train.report import summary  # noqa: E402
+from flows.artifacts import flow_run_id, mlflow_link, progress  # noqa: E402
+
+
+@task(retries=2, retry_delay_seconds=10)
+def ray_start(cfg: RunConfig) -> None:
+    from dsv3.train.launcher import start_ray
+
+    start_ray(cfg)
 
 
 @task
 def pretrain_task(cfg: RunConfig, parent_run_id: str, use_ray: bool, tags: dict) -> dict:
-    if use_ray:
-        from dsv3.train.launcher import run_training
+    from dsv3.train.run_log import watch_progress
 
-        return run_training(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags)
-    from dsv3.train.loop import train
+    with watch_progress(cfg.train.out_dir, progress("pretrain-progress", f"{cfg.name}: pretraining steps")):
+        if use_ray:
+            from dsv3.train.launcher import run_training
 
-    return train(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags).to_json()
+            res = run_training(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags)
+        else:
+            from dsv3.train.loop import train
+
+            res = train(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags).to_json()
+    mlflow_link("pretrain-run", res.get("run_id"), f"{cfg.name}: pretraining run (registers {res.get('model_uri')})")
+    return res
 
 
 @task
-def extend_task(cfg: RunConfig, checkpoint: str, parent_run_id: str, use_ray: bool) -> dict:
+def extend_task(cfg: RunConfig, init: str, parent_run_id: str | None, use_ray: bool) -> dict:
     from dsv3.train.extend import extend
 
-    return extend(cfg, checkpoint, parent_run_id=parent_run_id, use_ray=use_ray)
+    res = extend(cfg, init, parent_run_id=parent_run_id, use_ray=use_ray)
+    mlflow_link("extend-run", res.get("run_id"),
+                f"{cfg.name}: context extension run (registers {res.get('model_uri')})")
+    return res
+
+
+@flow(name="extend", log_prints=True)
+def extend_flow(cfg: RunConfig, init: str, parent_run_id: str | None = None, use_ray: bool = False) -> dict:
+    """YaRN context extension (§4.3) from `init` (best a registry URI, `models:/dsv3-base/N`); registers -long."""
+    return extend_task(cfg, init, parent_run_id, use_ray)
 
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, extend_on_ray: bool = False,
-                  repo: str = ".") -> dict:
+                  repo: str = ".", run_extend: bool = True, parent_run_id: str | None = None) -> dict:
     """Data (DVC + GX) -> pretrain (Ray Train) -> context extension (YaRN), tracked in MLflow.
     The short extension stages run in-process by default (a Ray Train launch costs ~20-30 s
-    on a 2-core CPU); `extend_on_ray=True` runs them on Ray too."""
+    on a 2-core CPU); `extend_on_ray=True` runs them on Ray too. `run_extend=False` stops after
+    pretraining (the lifecycle runs the extension as its own stage)."""
     from dsv3 import tracking
 
     out: dict = {}
@@ -60,24 +90,23 @@ def pretrain_flow(cfg: RunConfig, run_data: bool = True, use_ray: bool = True, e
         d = data_flow(cfg.data, repo=repo)
         out["data"] = {"digest": d["digest"], "run_id": d["run_id"]}
         tags = {"dvc_data_digest": d["digest"], "data_run_id": d["run_id"]}
-    try:
-        from prefect.runtime import flow_run
-
-        tags["prefect_flow_run_id"] = flow_run.id
-    except Exception:  # noqa: BLE001
-        pass
-    with tracking.start_run(cfg, "pipeline", run_name=f"{cfg.name}-pipeline", tags=tags) as parent:
+    if flow_run_id():
+        tags["prefect_flow_run_id"] = flow_run_id()
+    with tracking.start_run(cfg, "pipeline", run_name=f"{cfg.name}-pipeline", parent_run_id=parent_run_id,
+                            tags=tags) as parent:
         pid = parent.info.run_id
         out["run_id"] = pid
+        if use_ray:
+            ray_start(cfg)
         pre = pretrain_task(cfg, pid, use_ray, tags)
         out["pretrain"] = pre
-        if cfg.train.extend.enabled and cfg.train.extend.stages:
-            ext = extend_task(cfg, pre["checkpoint"], pid, use_ray and extend_on_ray)
-            out["extend"] = ext
+        if run_extend and cfg.train.extend.enabled and cfg.train.extend.stages:
+            # from the registered -base version (lineage), else (registration off) the checkpoint
+            out["extend"] = extend_task(cfg, pre.get("model_uri") or pre["checkpoint"], pid, use_ray and extend_on_ray)
         final = out.get("extend", pre)
-        tracking.set_tags({"checkpoint_uri": final["checkpoint"], "model_dir": final["model_dir"],
-                           "registered_model": f"models:/{cfg.tracking.registered_model}/"
-                                               f"{final.get('model_version')}"})
+        done = {"checkpoint_uri": final["checkpoint"], "model_dir": final["model_dir"],
+                "registered_model": final.get("model_uri")}
+        tracking.set_tags({k: v for k, v in done.items() if v})  # no "None" tag when registration is off
     return out
 
 

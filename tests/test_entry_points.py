@@ -61,6 +61,7 @@ ENTRY_POINTS = {
     "flows.pretrain": ("train", _flow("pretrain", "--config", "{cfg}", "--no-data", "--no-ray")),
     "flows.posttrain": ("posttrain", _flow("posttrain", "--config", "{cfg}")),
     "flows.evaluate": ("eval", _flow("evaluate", "--config", "{cfg}", "--no-track")),
+    "flows.lifecycle": ("posttrain", _flow("lifecycle", "--config", "{cfg}")),
 }
 
 CASES = ["unknown key in --set", "unknown key in the file", "wrong type", "malformed YAML", "bad override"]

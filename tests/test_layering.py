@@ -6,6 +6,7 @@ the module that defines `name` when the package re-exports it).
     model   data   tracking (MLflow)   cluster (Ray)    (ground floor; data may use cluster's ray_map)
     fp8 -> parallel -> train                            (each uses the ones before it)
     posttrain   evals   serve                           (use train and below; posttrain uses evals' sandbox)
+    lifecycle                                           (stage keys, gates, report card: uses all of the above)
     dsv3/cli.py, flows/                                 (the top)
 
 A module may import only from its own group and the groups its row allows (`ALLOWED`); the graph
@@ -40,9 +41,10 @@ ALLOWED = {
     "posttrain": BELOW_TRAIN | {"train", "posttrain", "evals"},
     "evals": BELOW_TRAIN | {"train", "evals"},
     "serve": BELOW_TRAIN | {"train", "serve"},
-    "cli": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "cli", "facade"},
+    "lifecycle": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "lifecycle"},
+    "cli": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "lifecycle", "cli", "facade"},
     "facade": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "cli"},
-    "flows": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "cli", "facade", "flows"},
+    "flows": BELOW_TRAIN | {"train", "posttrain", "evals", "serve", "lifecycle", "cli", "facade", "flows"},
 }
 # third-party packages only some modules may import: package -> the module prefixes allowed
 EXCLUSIVE = {"mlflow": ("dsv3.tracking",), "ray": ("dsv3.cluster", "dsv3.train.launcher"), "prefect": ("flows",)}
@@ -68,7 +70,8 @@ def group(mod: str) -> str:
         return "tracking"
     if mod == "dsv3.cluster":
         return "cluster"
-    return parts[1] if parts[1] in ("model", "data", "fp8", "parallel", "train", "posttrain", "evals", "serve") \
+    return parts[1] if parts[1] in ("model", "data", "fp8", "parallel", "train", "posttrain", "evals", "serve",
+                                    "lifecycle") \
         else "unknown"
 
 

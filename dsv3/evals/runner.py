@@ -182,15 +182,16 @@ def run_bpb(ckpt: str, cfg: EvalConfig) -> dict[str, float]:
 
 
 def finish(ckpt: str, cfg: EvalConfig, metrics: dict[str, float], out: str | Path, tracking: bool = True,
-           run_name: str | None = None) -> tuple[str, str | None]:
-    """Write the results table + config next to the results; log all to MLflow. (table, run_id)"""
+           run_name: str | None = None, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Write the results table + config next to the results; log all to MLflow (`tags` added to the
+    eval run's, e.g. the lifecycle's stage key). (table, run_id)"""
     from dsv3.evals.report import results_table
 
     out = Path(out)
     table = results_table({run_name or "eval": metrics})
     (out / "results.md").write_text(table)
     (out / "eval_config.json").write_text(cfg.model_dump_json(indent=1))
-    return table, (_track(ckpt, cfg, metrics, out, run_name) if tracking else None)
+    return table, (_track(ckpt, cfg, metrics, out, run_name, tags) if tracking else None)
 
 
 def output_dir(out_dir: str | Path | None = None) -> Path:
@@ -212,7 +213,8 @@ def evaluate_checkpoint(ckpt: str, cfg: EvalConfig | None = None, tracking: bool
     return {"metrics": metrics, "run_id": run_id, "table": table, "out_dir": str(out), "offline": is_offline(cfg)}
 
 
-def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str | None) -> str:
+def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str | None,
+           extra_tags: dict[str, str] | None = None) -> str:
     from dsv3 import tracking
 
     parent = None
@@ -222,7 +224,7 @@ def _track(ckpt: str, cfg: EvalConfig, metrics: dict, out: Path, run_name: str |
         parent = None
     params = {f"eval.{k}": v for k, v in cfg.model_dump(mode="json").items()}
     params["eval.checkpoint"] = ckpt
-    tags = {"checkpoint_uri": ckpt, "source_run_id": parent, "primary": json.dumps(PRIMARY)}
+    tags = {"checkpoint_uri": ckpt, "source_run_id": parent, "primary": json.dumps(PRIMARY), **(extra_tags or {})}
     if "humaneval" in cfg.tasks:  # where model-written code ran: "bwrap", or "none" under --unsafe-no-sandbox
         from dsv3.evals import sandbox
 

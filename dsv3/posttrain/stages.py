@@ -7,9 +7,11 @@ tokenizer) and is one MLflow run (stage tag, parent run id, metrics under its na
 The CLI (`dsv3 sft|reward|grpo|distill`) and `flows/posttrain.py` are thin callers. Every stage
 trains and scores in the run's `train.precision` (dsv3.train.precision: fp32, bf16 or fp8).
 
-`fresh_init` gives the CPU default when no pretrained checkpoint exists yet: a model of
-the run's preset with a byte-level BPE tokenizer trained on the generated data (so the
-whole chain runs on a laptop); with a pretrained checkpoint its tokenizer is used.
+The start point (`find_init`) is the registered extended model `<registered_model>-long`
+(@champion, else @candidate, or the concrete version a lifecycle passes), or an explicit
+`--init`; `fresh_init` (a model of the run's preset with a byte-level BPE tokenizer trained on
+the generated data) only when asked for with `--init fresh`. The result is registered as
+`<registered_model>-chat` by `register_chat`, its lineage pointing at the start model.
 """
 
 from __future__ import annotations
@@ -54,20 +56,37 @@ def fresh_init(run_cfg, out_dir: str | Path, seed: int = 0) -> str:
     return _save(DeepSeekV3(mcfg), tok, Path(out_dir))
 
 
-def find_init(run_cfg, out: Path) -> str:
-    """The chain's start point, first found: `posttrain.init`, the newest verified pretraining
-    checkpoint under `train.out_dir` that carries a tokenizer, else `fresh_init` under out/init."""
-    if run_cfg.posttrain.init:
-        return run_cfg.posttrain.init
-    try:
-        from dsv3.train.checkpoint import latest
+FRESH = "fresh"  # `--init fresh`: the only way to post-train a randomly initialised model
 
-        ck = latest(Path(run_cfg.train.out_dir) / "checkpoints")
-        if ck is not None and (Path(ck) / "model" / "tokenizer.json").is_file():
-            return str(Path(ck) / "model")
-    except Exception:  # noqa: BLE001 - no pretraining run yet
-        pass
-    return fresh_init(run_cfg, Path(out) / "init", seed=run_cfg.posttrain.sft.seed)
+
+def find_init(run_cfg, out: Path, init: str | None = None, prefer: tuple[str, ...] = ("champion", "candidate")) -> str:
+    """Where post-training starts: `init` (else `posttrain.init`): `fresh` -> `fresh_init` under
+    out/init; a registry URI -> the concrete `models:/NAME/VERSION` it names (what lineage records);
+    a path or `runs:/` URI as given. Neither set: `<tracking.registered_model>-long` (the extended
+    model) at the first alias of `prefer` that is set, else `tracking.ModelNotFound` saying to run
+    `make pretrain` or pass `--init`; never a silent fallback."""
+    init = init or run_cfg.posttrain.init
+    if init == FRESH:
+        return fresh_init(run_cfg, Path(out) / "init", seed=run_cfg.posttrain.sft.seed)
+    if init:
+        return tracking.concrete_model_uri(init) if str(init).startswith("models:/") else str(init)
+    name = tracking.stage_model_name("long", run_cfg.tracking.registered_model)
+    return tracking.require_stage_model(name, prefer, hint=(
+        f"post-training starts from the extended model: run `make pretrain` (it registers {name}), or pass "
+        "`--init PATH|URI` (a checkpoint), or `--init fresh` for a randomly initialised model"))
+
+
+def register_chat(run_cfg, final: str, start: str) -> str:
+    """Register the post-trained model from the active (posttrain) run as a new version of
+    `<registered_model>-chat` (alias `candidate`; parent = `start`, the data digest of the SFT data)."""
+    from dsv3.data.version import data_digest
+
+    data = Path(run_cfg.posttrain.data.out_dir)
+    sm = tracking.register_stage_model(final, tracking.stage_model_name("chat", run_cfg.tracking.registered_model),
+                                       parent_model=start, config=run_cfg.section("posttrain"),
+                                       data_digest=data_digest(data) if data.is_dir() else None)
+    tracking.set_tags({"registered_model": sm.uri, "checkpoint_uri": final})
+    return sm.uri
 
 
 def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: str | None = None) -> dict:
@@ -100,6 +119,23 @@ def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: s
     mv = write_dataset(va, out, "sft_val", prov)
     return {**res, "train": mt["path"], "val": mv["path"], "sha256": mt["sha256"], "n_train": mt["n"],
             "n_val": mv["n"], "kinds_train": mt["kinds"], "kinds_val": mv["kinds"]}
+
+
+def sft_data_in_dvc(run_cfg, repo: str | Path = ".") -> bool:
+    """Whether the SFT data of `run_cfg` is the DVC stage `sft_data` of `repo` (dvc.yaml): programmatic
+    data (no teacher: rejection sampling depends on a model DVC does not version) written where that
+    stage writes (`posttrain.data.out_dir` = <repo>/data/posttrain). Then `sft_data.repro_sft_data`
+    makes it and dvc.lock stays fresh; otherwise `stage_data` does, outside DVC."""
+    import yaml
+
+    repo = Path(repo)
+    spec = repo / "dvc.yaml"
+    if run_cfg.posttrain.data.teacher or not spec.is_file():
+        return False
+    out = Path(run_cfg.posttrain.data.out_dir)
+    out = out if out.is_absolute() else repo / out
+    stages = (yaml.safe_load(spec.read_text()) or {}).get("stages", {})
+    return "sft_data" in stages and out.resolve() == (repo / "data" / "posttrain").resolve()
 
 
 def stage_data(run_cfg, parent_run_id: str | None = None, teacher_uri: str | None = None) -> dict:
@@ -154,7 +190,8 @@ def _reward_fn(run_cfg, rm_uri: str | None, tok):
 
 
 def stage_grpo(run_cfg, init_uri: str, out_dir: str | Path, rm_uri: str | None = None,
-               parent_run_id: str | None = None) -> dict:
+               parent_run_id: str | None = None, progress=None) -> dict:
+    """GRPO from `init_uri`; `progress(step, steps)` (optional) is called after every step."""
     from dsv3.posttrain.grpo import arithmetic_task, train_grpo
 
     c = run_cfg.posttrain.grpo
@@ -163,8 +200,14 @@ def stage_grpo(run_cfg, init_uri: str, out_dir: str | Path, rm_uri: str | None =
                                                                "reward_model": rm_uri}) as run:
         model, tok, d = load_model(init_uri)
         problems = arithmetic_task(500, c.seed, c.max_operand)
+
+        def log(metrics, step):
+            tracking.log_metrics(metrics, step)
+            if progress is not None:
+                progress(step, c.steps)
+
         hist = train_grpo(model, tok, problems, _reward_fn(run_cfg, rm_uri, tok), c,
-                          log=tracking.log_metrics, tok_dir=d, precision=run_cfg.train.precision)
+                          log=log, tok_dir=d, precision=run_cfg.train.precision)
         _save(model, tok, Path(out_dir))
         _plot(hist, "grpo/reward_mean", Path(out_dir) / "reward_curve.png")
         k = max(1, len(hist) // 4)

@@ -17,8 +17,9 @@ Design choices
 - Experiments are tagged as model training (`mlflow.experimentKind`), the MLflow 3 UI's
   training view rather than its GenAI / traces view.
 - Submodules: registry.py (stage hand-off, aliases, eval linkage), pyfunc_model.py (the
-  flavour), _pyfunc_entry.py (its models-from-code entry), outbox.py (delivery to a tracking
-  server that may go away; see runs.py). Only this package imports mlflow.
+  flavour), _pyfunc_entry.py (its models-from-code entry), lookup.py (what the lifecycle's cache
+  asks the store; writes by run id), outbox.py (delivery to a tracking server that may go away; see
+  runs.py). Only this package imports mlflow.
 """
 
 from dsv3.tracking.runs import (  # noqa: F401
@@ -30,3 +31,6 @@ from dsv3.tracking.registry import (  # noqa: F401
     concrete_model_uri, config_digest, experiment_url, furthest_stage_model, hf_dir, lineage_tags, load_pyfunc,
     log_eval_metrics, mark_model_training, model_version, promote, register_model, register_stage_model, resolve_model_uri, require_stage_model,
     resolve_stage_model, stage_model_name)
+from dsv3.tracking.lookup import (  # noqa: F401
+    child_runs, experiment_id, find_model_version, find_run, log_artifact_to, log_metrics_to, model_files_exist, set_alias,
+    set_run_tags, set_status, set_version_tags, ui_url)

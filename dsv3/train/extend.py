@@ -14,7 +14,9 @@ only, at the final pretraining LR 7.3e-6. Scaled down here: `train.extend.stages
   and the routing bias frozen (γ at its late value, 0), as at the end of §4.2,
 - is a child MLflow run of one `extend` run, which logs the passkey heatmaps (lengths ×
   depths) of the base model before and of the final model after, the validation loss at
-  each probe length before/after (`longctx/...`), and registers the final model.
+  each probe length before/after (`longctx/...`), and registers the final model as a version of
+  `<tracking.registered_model>-long` whose `parent_model` is `init_from` when that is a registry
+  URI (`models:/dsv3-base/3`; run_log.register_stage).
 Precision: `train.precision` (precision.py, §3.3) holds for the stages (they are `train` runs of the
 same config) and for the probes (the model converted, the forwards autocast) alike.
 
@@ -136,8 +138,15 @@ def extend(cfg, init_from: str, parent_run_id: str | None = None, use_ray: bool 
                               **{f"longctx/before/val_loss_len_{L}": v for L, v in loss_before.items()},
                               **{f"longctx/after/val_loss_len_{L}": v for L, v in loss_after.items()}}, step=0)
         tracking.set_tags({"checkpoint_uri": out["stages"][-1]["checkpoint"], "model_dir": prev})
-        if cfg.train.register_model:
-            out["model_version"] = tracking.register_model(storage.local_dir(prev), cfg.tracking.registered_model)
+        if cfg.train.register_model:  # dsv3-long, its parent the model the extension started from
+            from dsv3.data.version import data_digest
+            from dsv3.train.loop import shard_dir
+            from dsv3.train.run_log import register_stage
+
+            out["model_uri"] = register_stage(cfg, storage.local_dir(prev), "long", "extend", parent=str(init_from),
+                                              data_digest=data_digest(shard_dir(cfg)),
+                                              step=sum(s.steps for s in ex.stages))
+            out["model_version"] = out["model_uri"].rsplit("/", 1)[1]
     out.update(model_dir=prev, checkpoint=out["stages"][-1]["checkpoint"],
                passkey_before=np.round(before, 3).tolist(), passkey_after=np.round(after, 3).tolist(),
                val_loss_by_length_before={L: round(v, 4) for L, v in loss_before.items()},

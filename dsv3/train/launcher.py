@@ -123,6 +123,18 @@ def _worker_config(cfg, n_workers: int):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
+def n_workers(cfg, num_workers: int | None = None) -> int:
+    return int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
+
+
+def start_ray(cfg, num_workers: int | None = None, address: str | None = None) -> None:
+    """Start (or connect to) Ray the way `run_training` needs it: a local instance with a CPU per
+    worker and one for the driver, unless `address` / $RAY_ADDRESS names a cluster. A no-op when
+    Ray is up already, so a flow can start it as its own retried step before training."""
+    n = n_workers(cfg, num_workers)
+    ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+
+
 def _threads(cfg, n_workers: int):
     if cfg.train.threads is not None:
         return cfg
@@ -182,7 +194,7 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         import torch
 
         use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else torch.cuda.is_available()
-    n = int(num_workers or (cfg.parallel.dp * cfg.parallel.pp) or 1)
+    n = n_workers(cfg, num_workers)
     check_layout(cfg, n)  # fail before starting Ray (pp not dividing the workers, odd DualPipe, ep, ...)
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     base = storage.base_uri(cfg)
@@ -196,7 +208,7 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     import ray
 
     connected_here = not ray.is_initialized()
-    ray_init(address, num_cpus=None if address else max(os.cpu_count() or 1, n + 1))
+    start_ray(cfg, n, address)
     config = {"cfg": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex,
               "parent_run_id": parent_run_id, "stage": stage, "run_name": run_name, "tags": tags,
               "storage": base}

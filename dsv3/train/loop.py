@@ -64,6 +64,7 @@ class TrainResult:
     checkpoint: str | None = None  # latest training checkpoint directory
     model_dir: str | None = None  # final HF-format export
     model_version: str | None = None
+    model_uri: str | None = None  # models:/<registered_model>-base/<version> when registered
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 

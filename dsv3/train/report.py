@@ -31,7 +31,7 @@ def summary(res: dict, elapsed: float) -> str:
         f"pretrain checkpoint: {pre['checkpoint']}",
         f"final checkpoint:    {final['checkpoint']}",
         f"final model (HF):    {final['model_dir']}"
-        + (f"  registered as models:/dsv3/{final.get('model_version')}" if final.get("model_version") else ""),
+        + (f"  registered as {final['model_uri']}" if final.get("model_uri") else ""),
         f"MLflow UI:  make mlflow-ui   (mlflow ui --backend-store-uri {tracking_uri()}) -> http://127.0.0.1:5000",
         "Prefect UI: make prefect-ui  (prefect server start) -> http://127.0.0.1:4200",
         "=" * 72,

@@ -8,12 +8,17 @@ Design choices
   uninterrupted run's); a fresh run starts it empty.
 - At the end (`log_final`): loss curves and the expert-load heatmap (layer × expert) as PNGs under
   plots/, the checkpoint and model-dir tags, the latest checkpoint's files under checkpoints/ and the
-  final HF export registered as a model version (or logged as an artifact). All through dsv3.tracking.
+  final HF export registered as a version of `<tracking.registered_model>-base` (`register_stage`:
+  the stage-model hand-off, also used by extend.py for `-long`), or logged as an artifact. All
+  through dsv3.tracking.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -56,6 +61,55 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
 
 
+_PROGRESS = re.compile(r"^\[(?P<stage>[^\]]+)\] step (?P<step>\d+)/(?P<total>\d+) ")
+
+
+def parse_progress(line: str) -> tuple[str, int, int] | None:
+    """(stage, step, total) of a progress line `[pretrain] step 12/250 loss ...` (RunLog.say), else None."""
+    m = _PROGRESS.match(line)
+    return (m["stage"], int(m["step"]), int(m["total"])) if m else None
+
+
+@contextmanager
+def watch_progress(out_dir: str | Path, callback, every: float = 1.0):
+    """Call `callback(step, total)` for each new progress line of `<out_dir>/train.log` while the block
+    runs (the file rank 0 appends to, also on Ray workers: the driver reads it). Lines written before
+    the block are skipped; a file truncated by a fresh launch is read from its start."""
+    path = Path(out_dir) / "train.log"
+    stop = threading.Event()
+    start = path.stat().st_size if path.is_file() else 0
+
+    def follow() -> None:
+        pos, buf = start, ""
+        while True:
+            done = stop.is_set()
+            if path.is_file():
+                if path.stat().st_size < pos:
+                    pos = 0
+                with open(path) as f:
+                    f.seek(pos)
+                    buf += f.read()
+                    pos = f.tell()
+                *lines, buf = buf.split("\n")
+                last = next((p for p in map(parse_progress, reversed(lines)) if p), None)
+                if last:
+                    try:
+                        callback(last[1], last[2])
+                    except Exception:  # noqa: BLE001 - progress display must never stop training
+                        pass
+            if done:
+                return
+            stop.wait(every)
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def log_final(cfg, stage: str, result, history: list[dict], val_history: list[dict], load_total,
               latest: Path | None, final_dir: Path) -> None:
     """Plots, tags, checkpoint artifacts and the registered model of a finished run (rank 0, in its run)."""
@@ -78,7 +132,28 @@ def log_final(cfg, stage: str, result, history: list[dict], val_history: list[di
             if path.name != "model":  # the model directory is logged once, by register_model
                 tracking.log_artifact(path, f"checkpoints/{latest.name}")
     if result.model_dir and tcfg.register_model:
-        result.model_version = tracking.register_model(final_dir, cfg.tracking.registered_model)
-        tracking.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{result.model_version}"})
+        result.model_uri = register_stage(cfg, final_dir, "base", "pretrain", parent=tcfg.init_from, step=tcfg.steps)
+        result.model_version = result.model_uri.rsplit("/", 1)[1]
     elif result.model_dir:
         tracking.log_artifact(final_dir, "model")
+
+
+def register_stage(cfg, model_dir: Path | str, stage_model: str, section: str, parent: str | None = None,
+                   data_digest: str | None = None, step: int = 0) -> str:
+    """Register `model_dir` from the active (stage) run as a new version of `<registered_model>-<stage_model>`
+    (`base` after pretraining, `long` after context extension), alias `candidate`, lineage tags with
+    `parent` (the `models:/NAME/VERSION` it started from; a path is recorded as `parent_source`) and
+    the digest of the stage's config section; tags the run `registered_model`; returns
+    `models:/NAME/VERSION`. A directory without a tokenizer cannot be a text-in/text-out model: it is
+    registered as a plain folder, with a warning."""
+    from dsv3 import tracking
+
+    name = tracking.stage_model_name(stage_model, cfg.tracking.registered_model)
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        version = tracking.register_stage_model(model_dir, name, parent_model=parent, config=cfg.section(section),
+                                                data_digest=data_digest, step=int(step or 0)).version
+    else:
+        version = tracking.register_model(model_dir, name)
+    uri = f"models:/{name}/{version}"
+    tracking.set_tags({"registered_model": uri})
+    return uri

@@ -32,8 +32,9 @@ def test_run_is_fully_tracked(tiny_shards, tmp_path, mlflow_uri):
     arts = {a.path for a in MlflowClient().list_artifacts(res.run_id, "plots")}
     assert {"plots/loss_curves.png", "plots/expert_load_heatmap.png"} <= arts
     assert MlflowClient().list_artifacts(res.run_id, "checkpoints/step_00000004")
-    assert res.model_version == "1"
-    local = tracking.resolve_model_uri("models:/dsv3/1")
+    assert res.model_version == "1" and res.model_uri == "models:/dsv3-base/1"  # no tokenizer: a plain folder
+    assert tags["registered_model"] == res.model_uri
+    local = tracking.resolve_model_uri("models:/dsv3-base/1")
     DeepSeekV3.from_pretrained(local)  # the registered version is a loadable HF directory
 
 

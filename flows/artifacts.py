@@ -1,0 +1,54 @@
+"""Prefect artifacts the flows publish (progress bars, links to MLflow runs) and the flow-run id.
+
+Glue only: the numbers come from dsv3 (training's progress lines, GRPO's step callback), the
+links from dsv3.tracking (`experiment_url` opens the MLflow 3 UI's model-training view; the UI
+address is the tracking server, else $DSV3_MLFLOW_UI, else `make mlflow-ui`'s). An artifact that
+cannot be written is logged and skipped: a display must never fail a training run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in flow logs
+from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+
+
+def flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+    except Exception:  # noqa: BLE001 - called outside a flow run
+        return None
+
+
+def progress(key: str, description: str):
+    """A progress artifact at 0% and a callback `(step, total)` that moves it (on whole-percent changes)."""
+    aid = create_progress_artifact(progress=0.0, key=key, description=description)
+    last = [-1]
+
+    def update(step: int, total: int) -> None:
+        pct = int(100 * step / max(1, total))
+        if pct != last[0]:
+            last[0] = pct
+            update_progress_artifact(artifact_id=aid, progress=float(pct))
+
+    return update
+
+
+def mlflow_link(key: str, run_id: str | None, description: str) -> str | None:
+    """A link artifact to an MLflow run in the model-training view; returns the URL."""
+    if not run_id:
+        return None
+    from dsv3 import tracking
+
+    try:
+        eid = tracking.run_info(run_id).info.experiment_id
+        url = tracking.experiment_url(tracking.ui_url(), eid, f"runs/{run_id}")
+        create_link_artifact(link=url, link_text=f"MLflow run {run_id[:8]}", key=key, description=description)
+        return url
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("no MLflow link artifact for run %s: %s", run_id, e)
+        return None
