@@ -15,7 +15,7 @@ INIT ?=
 CKPT ?=
 LIMIT ?=
 
-.PHONY: help sysdeps install test test-fast lifecycle pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
+.PHONY: help sysdeps install test test-scale test-fast lifecycle pretrain data eval eval-data eval-data-ready posttrain serve bench mlflow-ui \
 	prefect-ui deploy deploy-down screenshots clean stack-up stack-down stack-status stack-env
 
 help: ## list the targets
@@ -33,8 +33,11 @@ sysdeps: ## install the Debian packages in infra/apt-packages.txt (root) or list
 
 install: sysdeps $(STAMP) ## create .venv and install torch (CPU) + dsv3 with dev extras
 
-test: sysdeps $(STAMP) ## run the whole test suite (does its own set-up)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+test: sysdeps $(STAMP) ## the test suite but the server-mode scenarios (does its own set-up; < 20 min on 2 cores)
+	$(BIN)/python -m pytest -q -ra --durations=15 -m "not scale" tests
+
+test-scale: sysdeps $(STAMP) ## the server-mode / multi-node scenarios (stack, Ray head, outages, deploy, screenshots)
+	$(BIN)/python -m pytest -q -ra --durations=15 -m scale tests
 
 test-fast: $(STAMP) ## the suite without slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow" tests
