@@ -101,6 +101,22 @@ def build(kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool = F
     return ops
 
 
+def _check_coverage(kind: str, num_chunks: int, ops, pos, cnt, wq, n: int, forward_only: bool) -> None:
+    """Every rank ran all its ops (else: deadlock), each chunk's F and B exactly once per direction,
+    and every deferred weight-grad entry."""
+    pp = len(ops)
+    if any(pos[r] < len(ops[r]) for r in range(pp)):
+        stuck = {r: ops[r][pos[r]] for r in range(pp) if pos[r] < len(ops[r])}
+        raise RuntimeError(f"{kind} PP={pp} chunks={num_chunks}: deadlock, ranks stuck at {stuck}")
+    for r in range(pp):
+        for d in range(1 if kind == "1f1b" else 2):
+            want_b = 0 if forward_only else n
+            if cnt[r]["F", d] != n or cnt[r]["B", d] != want_b:
+                raise RuntimeError(f"rank {r} dir {d}: ran {cnt[r]['F', d]} F / {cnt[r]['B', d]} B of {n}")
+        if wq[r]:
+            raise RuntimeError(f"rank {r}: {wq[r]} weight-grad entries never run")
+
+
 def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forward_only: bool = False) -> dict:
     """Run all ranks' op lists as a discrete-event model (sends never block, a recv waits for the data).
     cost: durations {"F","B","W","FB"} (B is the input-grad part; a non-zb B costs B+W). Returns
@@ -177,17 +193,7 @@ def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forw
                 clock[r] = t0 + dur
                 pos[r] += 1
                 progress = True
-    if any(pos[r] < len(ops[r]) for r in range(pp)):
-        stuck = {r: ops[r][pos[r]] for r in range(pp) if pos[r] < len(ops[r])}
-        raise RuntimeError(f"{kind} PP={pp} chunks={num_chunks}: deadlock, ranks stuck at {stuck}")
-    dirs = 1 if kind == "1f1b" else 2
-    for r in range(pp):
-        for d in range(dirs):
-            want_b = 0 if forward_only else n
-            if cnt[r]["F", d] != n or cnt[r]["B", d] != want_b:
-                raise RuntimeError(f"rank {r} dir {d}: ran {cnt[r]['F', d]} F / {cnt[r]['B', d]} B of {n}")
-        if wq[r]:
-            raise RuntimeError(f"rank {r}: {wq[r]} weight-grad entries never run")
+    _check_coverage(kind, num_chunks, ops, pos, cnt, wq, n, forward_only)
     channels_ok = all(sent[k] == recvd[k] for k in set(sent) | set(recvd))
     makespan = max(clock)
     busy = [sum(t1 - t0 for _, _, t0, t1 in tl) for tl in timeline]
