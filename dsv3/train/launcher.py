@@ -252,12 +252,11 @@ def _with_env(env: dict):
 
 
 # ---------------------------------------------------------------------------- progress lines
-def _follow_file(path: Path, resume: bool):
-    """One filesystem: the driver tails rank 0's train.log."""
-    path.write_text("") if not resume else path.touch()
-
+def _tail(path: Path, start: int, emit, every: float):
+    """`follow(stop)`: pass what is appended to `path` (from byte `start`) to `emit` every `every` s,
+    until `stop` is set (then once more, so the last lines are not lost)."""
     def follow(stop) -> None:
-        pos = 0
+        pos = start
         while True:
             done = stop.is_set()
             if path.exists():
@@ -266,12 +265,18 @@ def _follow_file(path: Path, resume: bool):
                     chunk = f.read()
                     pos = f.tell()
                 if chunk:
-                    print(chunk, end="", flush=True)
+                    emit(chunk)
             if done:
                 return
-            time.sleep(0.5)
+            time.sleep(every)
 
     return follow
+
+
+def _follow_file(path: Path, resume: bool):
+    """One filesystem: the driver tails rank 0's train.log."""
+    path.write_text("") if not resume else path.touch()
+    return _tail(path, 0, lambda chunk: print(chunk, end="", flush=True), every=0.5)
 
 
 def _follow_queue(config: dict):
@@ -303,25 +308,14 @@ def _forward_log(path: Path, queue):
     stop = threading.Event()
     start = path.stat().st_size if path.exists() else 0
 
-    def run() -> None:
-        pos = start
-        while True:
-            done = stop.is_set()
-            if path.exists():
-                with open(path) as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                    pos = f.tell()
-                if chunk:
-                    try:
-                        queue.put(chunk, timeout=5)
-                    except Exception:  # noqa: BLE001 - the driver went away: progress is best effort
-                        pass
-            if done:
-                return
-            time.sleep(0.3)
+    def send(chunk: str) -> None:
+        try:
+            queue.put(chunk, timeout=5)
+        except Exception:  # noqa: BLE001 - the driver went away: progress is best effort
+            pass
 
-    t = threading.Thread(target=run, daemon=True)
+    run = _tail(path, start, send, every=0.3)
+    t = threading.Thread(target=run, args=(stop,), daemon=True)
     t.start()
 
     def finish() -> None:
