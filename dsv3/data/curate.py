@@ -346,11 +346,9 @@ def shards_stage(cfg: DataConfig, out: str | Path) -> dict:
     """Stage `shards`: FIM (train split) + tokenize + pack -> OUT/shards/, `SHARD_BATCH` documents at a time."""
     from dsv3.data.fim import maybe_fim
     from dsv3.data.shards import ShardWriter
-    from dsv3.data.tokenizer import BOS, EOS, load_raw
 
     out = Path(out)
-    tok = load_raw(out / "tokenizer")
-    bos, eos, vocab = tok.token_to_id(BOS), tok.token_to_id(EOS), tok.get_vocab_size()
+    tok, bos, eos, vocab = shard_tokenizer(out)
     sd = out / "shards"
     if (sd / "index.json").exists():
         (sd / "index.json").unlink()
@@ -368,13 +366,32 @@ def shards_stage(cfg: DataConfig, out: str | Path) -> dict:
                     n_bytes += d["n_bytes"]
                 w.extend(_framed(e.ids, bos, eos) for e in tok.encode_batch_fast(texts, add_special_tokens=False))
             entry = w.close(n_bytes=n_bytes)
-        stats[split] = {"docs": entry["n_docs"], "tokens": entry["n_tokens"], "bytes": n_bytes, "fim_docs": n_fim,
-                        "sequences": entry["n_tokens"] // (cfg.seq_len + 1),
-                        "bytes_per_token": round(n_bytes / max(1, entry["n_tokens"]), 4)}
+        stats[split] = split_stats(entry, n_bytes, n_fim, cfg.seq_len)
+    stats["peak_rss_mb"] = peak_rss_mb()
+    return finish_shards(out, bos, eos, stats)
+
+
+def shard_tokenizer(out: Path):
+    """(tokenizer, bos, eos, vocab size) of the `tokenizer` stage's output, what the shards are made with."""
+    from dsv3.data.tokenizer import BOS, EOS, load_raw
+
+    tok = load_raw(out / "tokenizer")
+    return tok, tok.token_to_id(BOS), tok.token_to_id(EOS), tok.get_vocab_size()
+
+
+def split_stats(entry: dict, n_bytes: int, n_fim: int, seq_len: int) -> dict:
+    """One split's line of shards_stats.json from its index entry."""
+    return {"docs": entry["n_docs"], "tokens": entry["n_tokens"], "bytes": n_bytes, "fim_docs": n_fim,
+            "sequences": entry["n_tokens"] // (seq_len + 1),
+            "bytes_per_token": round(n_bytes / max(1, entry["n_tokens"]), 4)}
+
+
+def finish_shards(out: Path, bos: int, eos: int, stats: dict) -> dict:
+    """The special-token ids into shards/index.json, the stats into shards_stats.json; returns the stats."""
+    sd = out / "shards"
     idx = json.loads((sd / "index.json").read_text())
     idx.update(bos_id=bos, eos_id=eos)
     (sd / "index.json").write_text(json.dumps(idx))
-    stats["peak_rss_mb"] = peak_rss_mb()
     (out / "shards_stats.json").write_text(json.dumps(stats, indent=1))
     return stats
 

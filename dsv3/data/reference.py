@@ -19,7 +19,8 @@ import numpy as np
 
 from dsv3.data import decontam, dedup
 from dsv3.data.config import DataConfig
-from dsv3.data.curate import PER_DOC_STAGES, _removed, process_batch, read_split, split_of
+from dsv3.data.curate import (PER_DOC_STAGES, _removed, finish_shards, process_batch, read_split, shard_tokenizer,
+                              split_of, split_stats)
 from dsv3.data.sources import iter_sources
 
 
@@ -106,24 +107,15 @@ def shards_in_memory(cfg: DataConfig, out: str | Path) -> dict:
     """Stage `shards`, in memory: each split FIM'd and tokenized as one list, then written."""
     from dsv3.data.fim import maybe_fim
     from dsv3.data.shards import write_split
-    from dsv3.data.tokenizer import BOS, EOS, load_raw
 
     out = Path(out)
-    tok = load_raw(out / "tokenizer")
-    bos, eos, vocab = tok.token_to_id(BOS), tok.token_to_id(EOS), tok.get_vocab_size()
-    sd = out / "shards"
+    tok, bos, eos, vocab = shard_tokenizer(out)
     stats: dict = {"vocab_size": vocab, "seq_len": cfg.seq_len}
     for split in ("train", "val"):
         docs = read_split(out, split)
         fim = [maybe_fim(d["text"], d["hash"], cfg.fim.rate if split == "train" else 0.0, cfg.fim.seed) for d in docs]
         enc = tok.encode_batch([t for t, _ in fim], add_special_tokens=False) if docs else []
         n_bytes = sum(d["n_bytes"] for d in docs)
-        e = write_split(sd, split, [[bos] + x.ids + [eos] for x in enc], vocab, n_bytes=n_bytes)
-        stats[split] = {"docs": e["n_docs"], "tokens": e["n_tokens"], "bytes": n_bytes,
-                        "fim_docs": sum(a for _, a in fim), "sequences": e["n_tokens"] // (cfg.seq_len + 1),
-                        "bytes_per_token": round(n_bytes / max(1, e["n_tokens"]), 4)}
-    idx = json.loads((sd / "index.json").read_text())
-    idx.update(bos_id=bos, eos_id=eos)
-    (sd / "index.json").write_text(json.dumps(idx))
-    (out / "shards_stats.json").write_text(json.dumps(stats, indent=1))
-    return stats
+        e = write_split(out / "shards", split, [[bos] + x.ids + [eos] for x in enc], vocab, n_bytes=n_bytes)
+        stats[split] = split_stats(e, n_bytes, sum(a for _, a in fim), cfg.seq_len)
+    return finish_shards(out, bos, eos, stats)
