@@ -59,7 +59,7 @@ G = 1e9
 
 
 def layout_config(pp: int, ep: int, dp: int, chunks: int, gpus_per_node: int, max_nodes: int,
-                  batch: int, seq_len: int, ramp: tuple | None = None) -> RunConfig:
+                  batch: int, seq_len: int, ramp: tuple | None = None, bounds: list | None = None) -> RunConfig:
     """The run config a `dsv3 pretrain` of the paper's layout would take."""
     train = dict(batch_size=batch, seq_len=seq_len, steps=1)
     if ramp:  # (start batch, steps, ramp fraction): the §4.2 ramp, coarsely stepped
@@ -67,7 +67,7 @@ def layout_config(pp: int, ep: int, dp: int, chunks: int, gpus_per_node: int, ma
     return RunConfig.from_dict(dict(
         preset="v3", train=train,
         parallel=dict(dp=dp, pp=pp, schedule="dualpipe", num_chunks=chunks, ep=ep,
-                      ep_ranks_per_node=gpus_per_node, max_nodes=max_nodes)))
+                      ep_ranks_per_node=gpus_per_node, max_nodes=max_nodes, stage_bounds=bounds)))
 
 
 def meta_model(cfg: ModelConfig) -> DeepSeekV3:
@@ -186,8 +186,9 @@ def print_params(cfg: ModelConfig, model: DeepSeekV3) -> None:
           f"({'equal to' if built == mtp else 'DIFFERENT from'} the accounting with MTP)")
 
 
-def print_stages(table: list, pp: int) -> None:
-    print(f"== pipeline stages (split_model: even split, earlier stages take the extra layer)")
+def print_stages(table: list, pp: int, bounds: list | None) -> None:
+    how = f"bounds {bounds}" if bounds else "even split, earlier stages take the extra layer"
+    print(f"== pipeline stages (split_model: {how})")
     print(f"  {'stage':>5} {'layers':>9} {'dense':>5} {'MoE':>4}  {'params (whole)':>15}  extras")
     for s in table:
         print(f"  {s['stage']:>5} {s['layers'][0]:>4}-{s['layers'][1]:<4} {s['dense']:>5} {s['moe']:>4}  "
@@ -232,7 +233,7 @@ def print_bubbles(rows: list, an: dict, pp: int, chunks: int, cost: dict, step_s
               f"{100 * r['fraction']:7.2f}% {r['fraction'] * step_s:7.2f}  {r['nccl_safe']}")
     print(f"  {'zb1p':10} {'-':>8} {'-':>8} {an['zb1p']:8.2f}  (formula only: no ZB1P schedule in dsv3)")
     print("  DualPipeV: half-size stages (2 of a 2*PP-stage model per rank); Table 2 has no formula for it.")
-    print("  ~s/step = bubble fraction x the step time implied by the paper's GPU hours (below), i.e. as if the"
+    print("  ~s/step = bubble fraction x the step time implied by the paper's GPU hours (above), i.e. as if the"
           " whole step were the pipeline.")
     bad = [r["kind"] for r in rows if not r["nccl_safe"]]
     if bad:
@@ -262,10 +263,10 @@ def _check(cfg: RunConfig, world: int) -> str:
         return f"refused: {e}"
 
 
-def calculate(cfg: ModelConfig, pp: int, ep: int, dp: int) -> dict:
+def calculate(cfg: ModelConfig, pp: int, ep: int, dp: int, bounds: list | None = None) -> dict:
     """Stage table and per-rank parameters/memory of a DualPipe (and 1F1B) layout of `cfg`."""
     model = meta_model(cfg)
-    stages = split_model(model, pp)
+    stages = split_model(model, pp, bounds)
     hold = {k: [stages_for_rank(k, stages, pp, r) for r in range(pp)] for k in ("dualpipe", "1f1b")}
     ranks = [rank_params(h, ep, cfg.n_routed_experts) for h in hold["dualpipe"]]
     layers = [max(len(s.layers) + (len(s.mtp) if s.last else 0) for s in h) for h in hold["dualpipe"]]
@@ -282,6 +283,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--w", type=float, default=1.0, help="weight-grad backward cost, in F units (assumed)")
     ap.add_argument("--fb", type=float, default=None, help="overlapped F&B pair cost (default F+B+W: "
                     "communication fully hidden, no compute speed-up)")
+    ap.add_argument("--bounds", default=None, help="stage start layers, comma-separated, 0 to 61 (parallel."
+                    "stage_bounds; default: even split)")
     ap.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory (H800: 80 GB; not in the paper)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (H800 spec)")
     a = ap.parse_args(argv)
@@ -301,7 +304,9 @@ def main(argv=None) -> dict:
     print(f"  HBM {a.hbm_gb:.0f} GB per GPU, BF16 working weights, FP8 weight copies cached once per step, "
           "optimizer state sharded over DP only (not also across the DualPipe pair)   [--hbm-gb]")
     print("  activation memory: not computed; the headroom it may use is")
-    rc = layout_config(pp, ep, dp, chunks, P["gpus_per_node"], P["max_nodes"], P["batch"], P["seq_len"])
+    bounds = [int(x) for x in a.bounds.split(",")] if a.bounds else None
+    rc = layout_config(pp, ep, dp, chunks, P["gpus_per_node"], P["max_nodes"], P["batch"], P["seq_len"],
+                       bounds=bounds)
     steps = round(P["tokens"] / (P["batch"] * P["seq_len"]))
     ramp = layout_config(pp, ep, dp, chunks, P["gpus_per_node"], P["max_nodes"], P["batch"], P["seq_len"],
                          (P["ramp_start"], steps, P["ramp_tokens"] / P["tokens"]))
@@ -309,9 +314,9 @@ def main(argv=None) -> dict:
                                      f"sequences; DualPipe needs >= 2*PP = {2 * pp} micro-batches)")
     print_layout(rc.parallel, gpus, P["gpus_per_node"], _check(rc, gpus), ramp_msg)
     cfg = rc.model
-    res = calculate(cfg, pp, ep, dp)
+    res = calculate(cfg, pp, ep, dp, bounds)
     print_params(cfg, res["model"])
-    print_stages(res["table"], pp)
+    print_stages(res["table"], pp, bounds)
     print_ranks(res["ranks"], res["mem"], res["one_f"], pp, a.hbm_gb * G, a.micro_batch * P["seq_len"],
                 res["layers"])
     step_s = print_step_time(cfg, gpus, P["batch"], P["seq_len"], a.peak_tflops)
