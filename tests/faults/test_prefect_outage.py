@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "infra"))
 from servers import free_port, start_detached, wait_until_up  # noqa: E402
 
-OFF = ("cancellation_cleanup", "foreman", "late_runs", "scheduler", "pause_expirations", "triggers")
+OFF = ("cancellation_cleanup", "foreman", "late_runs", "scheduler", "pause_expirations", "triggers", "event_logger",
+       "repossessor", "cleanup_reconciler")
 API_LOST = 3  # flows.lifecycle's exit status for it
 
 
@@ -46,18 +47,21 @@ class PrefectServer:
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{d}/prefect.db",
                     **{f"PREFECT_SERVER_SERVICES_{s.upper()}_ENABLED": "false" for s in OFF}}
 
-    def start(self, timeout: float = 180) -> float:
+    def spawn(self) -> None:
         self.starts += 1
-        log = self.d / f"server-{self.starts}.log"
-        t = time.monotonic()
+        self.t0 = time.monotonic()
         self.proc = start_detached([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                    "--port", str(self.port)], log, self.d / "server.pid", self.env, self.d)
+                                    "--port", str(self.port)], self.d / f"server-{self.starts}.log",
+                                   self.d / "server.pid", self.env, self.d)
+
+    def wait(self, timeout: float = 180) -> float:
+        """Seconds from spawn until the API answered."""
         try:
-            wait_until_up(f"{self.api}/health", timeout, self.proc, log, "prefect server")
+            wait_until_up(f"{self.api}/health", timeout, self.proc, self.d / f"server-{self.starts}.log", "prefect server")
         except RuntimeError:
             self.kill()
             raise
-        return time.monotonic() - t
+        return time.monotonic() - self.t0
 
     def kill(self) -> None:
         """The server crashes: SIGKILL to its whole process group."""
@@ -138,9 +142,15 @@ def _task_states(api: str, timeout: float = 60) -> dict[str, str]:
 def test_prefect_server_killed_mid_flow_then_rerun_resumes_from_cache(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    repo = make_repo(tmp_path / "repo")
     server = PrefectServer(tmp_path)
-    t_start = server.start()
+    server.spawn()  # meanwhile: the repository and an initialised MLflow store (~10 s each on a busy box)
+    try:
+        repo = make_repo(tmp_path / "repo")
+        MlflowClient(f"sqlite:///{repo}/mlruns.db").search_experiments()
+        t_start = server.wait()
+    except BaseException:
+        server.kill()
+        raise
     out1, out2 = tmp_path / "run1.log", tmp_path / "run2.log"
     p = _lifecycle(repo, server.api, out1)
     try:
@@ -172,8 +182,9 @@ def test_prefect_server_killed_mid_flow_then_rerun_resumes_from_cache(tmp_path):
                                                                                  "report/report.png"}
 
     # ---- the server is back (same database): the re-run resumes from the cached stages ------------------
-    t_restart = server.start()
+    server.spawn()
     try:
+        t_restart = server.wait()
         t0 = time.monotonic()
         p = _lifecycle(repo, server.api, out2)
         rc2 = _finish(p, 600)
