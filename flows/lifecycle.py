@@ -219,8 +219,11 @@ def lifecycle_flow(cfg: RunConfig | None = None, force: str | None = None) -> di
             out["gates"][model_stage] = gate_stage(cfg, lid, model_stage, st[stage]["model_uri"], scores)
     except BaseException as e:
         ledger.end(lid, started, ok=False, error=f"{type(e).__name__}: {e}")
-        try:  # a failed run's card says how far it got and why it stopped (to MLflow only, without the API)
-            _card(cfg, lid) if prefect_api_lost(e) else report_stage(cfg, lid)
+        try:  # a failed run's card says how far it got and why it stopped
+            if prefect_api_lost(e):
+                _card(cfg, lid)  # to MLflow only: no Prefect task or artifact without the API
+            else:
+                report_stage(cfg, lid)
         except Exception as r:  # noqa: BLE001 - the stage's error is the one to raise
             print(f"no report for the failed run: {r}")
         raise

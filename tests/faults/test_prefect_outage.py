@@ -57,7 +57,8 @@ class PrefectServer:
     def wait(self, timeout: float = 180) -> float:
         """Seconds from spawn until the API answered."""
         try:
-            wait_until_up(f"{self.api}/health", timeout, self.proc, self.d / f"server-{self.starts}.log", "prefect server")
+            log = self.d / f"server-{self.starts}.log"
+            wait_until_up(f"{self.api}/health", timeout, self.proc, log, "prefect server")
         except RuntimeError:
             self.kill()
             raise
@@ -71,9 +72,11 @@ class PrefectServer:
 
 
 def _lifecycle(repo: Path, api: str, out: Path, store: Path | None = None) -> subprocess.Popen:
+    """`python -m flows.lifecycle` on the tiny config in `repo`, output (both streams) to `out`."""
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(out.parent / "client-home"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{store or repo / 'mlruns.db'}", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store or repo / 'mlruns.db'}", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     with open(out, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "flows.lifecycle", "--config", TINY], cwd=repo, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -177,9 +180,11 @@ def test_prefect_server_killed_mid_flow_then_rerun_resumes_from_cache(tmp_path):
     exp = client.get_experiment_by_name("dsv3").experiment_id
     (life,) = client.search_runs([exp], "tags.stage = 'lifecycle'")
     assert life.info.status == "FAILED" and "lifecycle.stage.data" in life.data.tags
-    assert "lifecycle.stage.pretrain" in life.data.tags and life.data.tags["lifecycle.error"]
+    assert "lifecycle.stage.pretrain" in life.data.tags and "ConnectError" in life.data.tags["lifecycle.error"]
     assert {a.path for a in client.list_artifacts(life.info.run_id, "report")} == {"report/report.md",
                                                                                  "report/report.png"}
+    card = (repo / "runs/lifecycle-tiny/reports" / life.info.run_id / "report.md").read_text()
+    assert "**failed**" in card and "| pretrain | ran |" in card  # the card says how far it got
 
     # ---- the server is back (same database): the re-run resumes from the cached stages ------------------
     server.spawn()
