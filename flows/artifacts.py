@@ -1,4 +1,5 @@
-"""Prefect artifacts the flows publish (progress bars, links to MLflow runs) and the flow-run id.
+"""Prefect artifacts the flows publish (progress bars, links to MLflow runs), the flow-run id, and
+whether the Prefect API went away (`prefect_api_lost`: a flow's failure that names the API).
 
 Glue only: the numbers come from dsv3 (training's progress lines, GRPO's step callback), the
 links from dsv3.tracking (`experiment_url` opens the MLflow 3 UI's model-training view; the UI
@@ -9,6 +10,7 @@ cannot be written is logged and skipped: a display must never fail a training ru
 from __future__ import annotations
 
 import os
+import urllib.request
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in flow logs
 from prefect import get_run_logger
@@ -52,3 +54,24 @@ def mlflow_link(key: str, run_id: str | None, description: str) -> str | None:
     except Exception as e:  # noqa: BLE001
         get_run_logger().warning("no MLflow link artifact for run %s: %s", run_id, e)
         return None
+
+
+def prefect_api_lost(exc: BaseException) -> str | None:
+    """The configured Prefect API URL when `exc` (or an exception it was raised from) is a transport error
+    (connection refused, reset, timed out: what Prefect's client raises once its retries are spent) and the
+    API does not answer its health check now; else None (also in ephemeral mode: no URL configured)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and not isinstance(exc, httpx.TransportError):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    url = PREFECT_API_URL.value()
+    if exc is None or id(exc) in seen or not url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=3) as r:
+            return None if r.status == 200 else url
+    except (OSError, ValueError):
+        return url

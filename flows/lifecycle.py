@@ -17,6 +17,10 @@ Completed state named so) and writes nothing; `--force STAGE` re-runs from that 
 a failed one too, writes report.md + report.png (under `lifecycle.report_dir/<MLflow run id>/`), logs them to its
 MLflow run and publishes the markdown, a table (stage -> model version -> key metrics) and a link
 as Prefect artifacts.
+The Prefect API going away mid-flow (tests/faults/test_prefect_outage.py): each API call rides out ~15 s
+of outage (PREFECT_CLIENT_MAX_RETRIES=3: 2+4+8 s back-off; Prefect's default 5 waits ~1 min per call),
+then the stage fails; the failed run's card goes to MLflow only, `main` names the API in one line, exits 1
+without waiting on events and logs for a server that is gone, and the re-run resumes from cached stages.
 
     python -m flows.lifecycle [--config configs/lifecycle.yaml] [--set k=v ...] [--force STAGE]
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "3")  # an API outage costs ~15 s per call, not ~1 min
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -40,10 +45,11 @@ from dsv3.config import RunConfig  # noqa: E402
 from dsv3.config_base import config_error_exit  # noqa: E402
 from dsv3.errors import ConfigError  # noqa: E402
 from dsv3.lifecycle import ledger, plan  # noqa: E402
-from flows.artifacts import flow_run_id, mlflow_link  # noqa: E402
+from flows.artifacts import flow_run_id, mlflow_link, prefect_api_lost  # noqa: E402
 
 MODELS = {"pretrain": "base", "extend": "long", "posttrain": "chat"}
 DEFAULT_CONFIG = "configs/lifecycle.yaml"  # `make lifecycle`'s, and a deployment run's without parameters
+API_LOST = 3  # main's exit status when the Prefect API went away
 
 
 def _result(state):
@@ -158,14 +164,22 @@ def gate_stage(cfg: RunConfig, lid: str, model_stage: str, candidate: str, evals
     return d.to_json()
 
 
-@task(name="report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def report_stage(cfg: RunConfig, lid: str) -> dict:
+def _card(cfg: RunConfig, lid: str):
+    """report.md + report.png, logged to the lifecycle's MLflow run: (markdown, md path, png path)."""
     from dsv3 import tracking
     from dsv3.lifecycle import report
 
     md, md_path, png = report.write_report(lid, Path(cfg.lifecycle.report_dir) / lid)
     tracking.log_artifact_to(lid, md_path, "report")
     tracking.log_artifact_to(lid, png, "report")
+    return md, md_path, png
+
+
+@task(name="report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def report_stage(cfg: RunConfig, lid: str) -> dict:
+    from dsv3.lifecycle import report
+
+    md, md_path, png = _card(cfg, lid)
     create_markdown_artifact(markdown=md, key="lifecycle-report", description=f"{cfg.name}: lifecycle report card")
     create_table_artifact(table=report.table_rows(report.collect(lid)), key="lifecycle-models",
                           description="stage -> model version -> key metrics")
@@ -206,7 +220,10 @@ def lifecycle_flow(cfg: RunConfig | None = None, force: str | None = None) -> di
     except BaseException as e:
         ledger.end(lid, started, ok=False, error=f"{type(e).__name__}: {e}")
         try:  # a failed run's card says how far it got and why it stopped
-            report_stage(cfg, lid)
+            if prefect_api_lost(e):
+                _card(cfg, lid)  # to MLflow only: no Prefect task or artifact without the API
+            else:
+                report_stage(cfg, lid)
         except Exception as r:  # noqa: BLE001 - the stage's error is the one to raise
             print(f"no report for the failed run: {r}")
         raise
@@ -230,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = lifecycle_flow(cfg, force=a.force)
     except Exception as e:  # a failed stage: one readable line (the flow run holds the traceback), exit 1
+        if api := prefect_api_lost(e):
+            print(f"lifecycle failed: the Prefect API at {api} cannot be reached ({type(e).__name__}: {e}).\n"
+                  f"Finished stages are kept in the MLflow store: start the Prefect server again (or unset "
+                  f"PREFECT_API_URL for a temporary local one) and re-run; it resumes at the failed stage.",
+                  file=sys.stderr)
+            return API_LOST
         print(f"lifecycle failed: {type(e).__name__}: {e}\n(fix it and run again: finished stages are cached, "
               f"so it resumes at the failed one)", file=sys.stderr)
         return 1
@@ -239,5 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(rc: int) -> None:
+    """Exit with `rc`; when the Prefect API is gone, without Prefect's at-exit drain of the events and logs
+    it could not send (~7 s of websocket retries per queued event, unbounded). The MLflow outbox's own at-exit
+    step runs first (bounded: deliver, else spill to disk for the next run)."""
+    if rc != API_LOST:
+        sys.exit(rc)
+    from dsv3.tracking import outbox
+
+    outbox._spill_at_exit()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
