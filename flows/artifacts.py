@@ -28,14 +28,21 @@ def flow_run_id() -> str | None:
 
 def progress(key: str, description: str):
     """A progress artifact at 0% and a callback `(step, total)` that moves it (on whole-percent changes)."""
-    aid = create_progress_artifact(progress=0.0, key=key, description=description)
+    try:
+        aid = create_progress_artifact(progress=0.0, key=key, description=description)
+    except Exception as e:  # noqa: BLE001 - a display must never fail a run
+        get_run_logger().warning(f"progress artifact {key!r} not created: {e}")
+        return lambda step, total: None
     last = [-1]
 
     def update(step: int, total: int) -> None:
         pct = int(100 * step / max(1, total))
         if pct != last[0]:
             last[0] = pct
-            update_progress_artifact(artifact_id=aid, progress=float(pct))
+            try:
+                update_progress_artifact(artifact_id=aid, progress=float(pct))
+            except Exception:  # noqa: BLE001 - the API may be away for a while: the next update retries
+                last[0] = -1
 
     return update
 
