@@ -68,8 +68,14 @@ def extend_task(cfg: RunConfig, init: str, parent_run_id: str | None, use_ray: b
 
 
 @flow(name="extend", log_prints=True)
-def extend_flow(cfg: RunConfig, init: str, parent_run_id: str | None = None, use_ray: bool = False) -> dict:
-    """YaRN context extension (§4.3) from `init` (best a registry URI, `models:/dsv3-base/N`); registers -long."""
+def extend_flow(cfg: RunConfig, init: str, parent_run_id: str | None = None, use_ray: bool | None = None) -> dict:
+    """YaRN context extension (§4.3) from `init` (best a registry URI, `models:/dsv3-base/N`); registers -long.
+    `use_ray` None: on Ray Train when `lifecycle.use_ray` and a storage URI is in force (server mode: no
+    shared filesystem, so the driver is no place for a training stage's files), else in-process."""
+    if use_ray is None:
+        from dsv3.train import storage
+
+        use_ray = cfg.lifecycle.use_ray and storage.base_uri(cfg) is not None
     return extend_task(cfg, init, parent_run_id, use_ray)
 
 

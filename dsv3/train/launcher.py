@@ -7,7 +7,8 @@ Design choices
 - The layout is checked before Ray starts (`layout.check_layout`: ConfigError naming the key).
 - Workers' threads default to cpu_count / workers; they get the driver's MLFLOW_TRACKING_URI (a local
   SQLite store by default) and its AWS_* settings. The result is rank 0's return value
-  (`Result.return_value`), never a file the driver reads.
+  (`Result.return_value`), never a file the driver reads. Rank 0's MLflow run is tagged `ray_workers`
+  (each rank's Ray node and working directory), so where a run's ranks ran is on record.
 - Two modes, chosen by `train.storage_uri` / $DSV3_CHECKPOINT_URI (storage.py, infra/ray.md):
   * no storage URI (the laptop default): one filesystem. Paths are made absolute for the workers,
     checkpoints live in `<out_dir>/checkpoints`, rank 0's train.log is tailed by the driver.
@@ -30,6 +31,7 @@ Ray itself is started through dsv3.cluster (the general Ray helpers).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -43,6 +45,7 @@ from dsv3.train import storage
 from dsv3.train.layout import check_layout
 from dsv3.train.loop import shard_dir, tokenizer_dir, train
 
+PLACEMENT_TAG = "ray_workers"  # MLflow run tag: JSON list of {rank, node_id, cwd}
 FORWARD_ENV = ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                "MLFLOW_S3_ENDPOINT_URL")
@@ -76,9 +79,10 @@ def _train_worker(config: dict) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "train.log", "a") as f:
                 f.write(line + "\n")
+    tags = {**(config.get("tags") or {}), PLACEMENT_TAG: json.dumps(workers)}  # where the ranks ran, for the record
     try:
         res = train(cfg, resume=config["resume"] or attempt > 1, parent_run_id=config.get("parent_run_id"),
-                    stage=config["stage"], run_name=config.get("run_name"), tags=config.get("tags"))
+                    stage=config["stage"], run_name=config.get("run_name"), tags=tags)
     finally:
         if forward is not None:
             forward()
@@ -168,7 +172,6 @@ def _storage_config(cfg, base: str, n_workers: int, env: dict):
 def _push_input(local: str, base: str) -> str:
     """A local input directory uploaded once, under the hash of its contents."""
     import hashlib
-    import json
 
     files = storage.sha256_files(Path(local))
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
@@ -237,8 +240,6 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         if connected_here and (address or os.environ.get("RAY_ADDRESS")):
             ray.shutdown()  # the head may restart before the next run: see the module docstring
     if getattr(result, "return_value", None) is None and not base:  # Ray Train v1 (RAY_TRAIN_V2_ENABLED=0)
-        import json
-
         return json.loads((Path(cfg.train.out_dir) / "result.json").read_text())
     return result.return_value
 
