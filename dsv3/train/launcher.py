@@ -184,12 +184,13 @@ def _push_input(local: str, base: str) -> str:
 def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = None, resume: bool = False,
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
-                 placement_strategy: str = "PACK") -> dict:
+                 placement_strategy: str = "PACK", on_output=None) -> dict:
     """Run `dsv3.train.loop.train` on Ray Train with dp × pp workers (`parallel.dp`, `parallel.pp`: data-
     and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group;
     `parallel.ep`: the dp workers also shard the routed experts, §3.2.2); returns rank 0's result
     (result.json's fields, plus `attempt`: how many times the worker group started, and `workers`: each
-    rank's Ray node and working directory)."""
+    rank's Ray node and working directory). Rank 0's train.log lines are printed as they come and, when
+    given, passed to `on_output(text)` (e.g. `run_log.progress_sink`: a progress bar in either mode)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -215,7 +216,9 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     config = {"cfg": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex,
               "parent_run_id": parent_run_id, "stage": stage, "run_name": run_name, "tags": tags,
               "storage": base}
-    follow, queue = _follow_queue(config) if base else (_follow_file(Path(cfg.train.out_dir) / "train.log", resume), None)
+    emit = _emitter(on_output)
+    follow, queue = _follow_queue(config, emit) if base else \
+        (_follow_file(Path(cfg.train.out_dir) / "train.log", resume, emit), None)
     trainer = TorchTrainer(
         _with_env(env), train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1},
@@ -253,7 +256,16 @@ def _with_env(env: dict):
 
 
 # ---------------------------------------------------------------------------- progress lines
-def _follow_file(path: Path, resume: bool):
+def _emitter(on_output):
+    def emit(chunk: str) -> None:
+        print(chunk, end="", flush=True)
+        if on_output is not None:
+            on_output(chunk)
+
+    return emit
+
+
+def _follow_file(path: Path, resume: bool, emit):
     """One filesystem: the driver tails rank 0's train.log."""
     path.write_text("") if not resume else path.touch()
 
@@ -267,7 +279,7 @@ def _follow_file(path: Path, resume: bool):
                     chunk = f.read()
                     pos = f.tell()
                 if chunk:
-                    print(chunk, end="", flush=True)
+                    emit(chunk)
             if done:
                 return
             time.sleep(0.5)
@@ -275,7 +287,7 @@ def _follow_file(path: Path, resume: bool):
     return follow
 
 
-def _follow_queue(config: dict):
+def _follow_queue(config: dict, emit):
     """No shared filesystem: rank 0 puts its new train.log lines on a Ray queue the driver prints."""
     from ray.util.queue import Empty, Queue
 
@@ -287,7 +299,7 @@ def _follow_queue(config: dict):
             done = stop.is_set()
             try:
                 while True:
-                    print(queue.get(timeout=0.5), end="", flush=True)
+                    emit(queue.get(timeout=0.5))
             except Empty:
                 pass
             if done:
