@@ -163,13 +163,13 @@ def test_extension_stage_from_the_registry_on_two_nodes(stack, inputs, tmp_path)
         from dsv3.config import RunConfig
         from dsv3.train.extend import extend
         cfg = RunConfig.load({CONFIG!r}, {ov!r})
-        out = extend(cfg, "models:/dsv3/1", use_ray=True, num_workers=2)
+        out = extend(cfg, "models:/dsv3-base/1", use_ray=True, num_workers=2)
         print(json.dumps({{k: out[k] for k in ("stages", "model_dir", "model_version", "passkey_after")}}))
     """, stack, d, tmp_path / "driver-cache")
     assert [s["model_dir"] for s in res["stages"]] == [
         "s3://dsv3-checkpoints/runs/noshare-ext/extend_1/final", "s3://dsv3-checkpoints/runs/noshare-ext/extend_2/final"]
     assert all(len({w["node_id"] for w in s["workers"]}) == 2 for s in res["stages"])
-    assert res["model_version"] == "2"
+    assert res["model_version"] == "1"  # dsv3-long/1, its parent the pretraining test's dsv3-base/1
     assert _empty(d) == []
 
 
@@ -186,12 +186,12 @@ def test_sft_reads_and_writes_models_through_the_registry(stack, inputs, tmp_pat
         from dsv3.posttrain import stages
         cfg = RunConfig.load({str(REPO / "configs" / "posttrain_tiny.yaml")!r}, {pt!r})
         data = stages.stage_data(cfg)
-        sft = stages.stage_sft(cfg, "models:/dsv3/2", data, {str(scratch / "sft")!r})
+        sft = stages.stage_sft(cfg, "models:/dsv3-long/1", data, {str(scratch / "sft")!r})
         with tracking.start_run(cfg, "sft-register"):
-            sm = tracking.register_stage_model(sft["ckpt"], "dsv3-sft", parent_model="models:/dsv3/2")
+            sm = tracking.register_stage_model(sft["ckpt"], "dsv3-sft", parent_model="models:/dsv3-long/1")
         print(json.dumps({{"version": sm.version, "parent": sm.tags.get("parent_model"), "steps": sft["steps"]}}))
     """, stack, d, tmp_path / "driver-cache")
-    assert res["parent"] == "models:/dsv3/2" and res["steps"] == 3
+    assert res["parent"] == "models:/dsv3-long/1" and res["steps"] == 3
     import shutil
 
     shutil.rmtree(scratch)
@@ -276,15 +276,17 @@ def test_lifecycle_on_the_whole_stack(stack, tmp_path):
         assert json.loads(tags[f"lifecycle.stage.{s}"])["status"] == "ran", (s, tags[f"lifecycle.stage.{s}"])
     uris = {m: json.loads(tags[f"lifecycle.stage.{s}"])["model_uri"]
             for s, m in (("pretrain", "base"), ("extend", "long"), ("posttrain", "chat"))}
-    assert uris == {m: f"models:/dsv3-{m}/1" for m in ("base", "long", "chat")}
-    mv = {m: client.get_model_version(f"dsv3-{m}", "1") for m in uris}
+    # the newest version of each (the tests above registered dsv3-base/1 and dsv3-long/1 on this stack)
+    newest = {m: max(int(v.version) for v in client.search_model_versions(f"name='dsv3-{m}'")) for m in uris}
+    assert uris == {m: f"models:/dsv3-{m}/{newest[m]}" for m in uris}
+    mv = {m: client.get_model_version(f"dsv3-{m}", str(newest[m])) for m in uris}
     assert all(set(v.aliases) == {"candidate", "champion"} for v in mv.values()), {m: v.aliases for m, v in mv.items()}
     assert "parent_model" not in mv["base"].tags
     assert mv["long"].tags["parent_model"] == uris["base"] and mv["chat"].tags["parent_model"] == uris["long"]
     for m, v in mv.items():
         assert all(v.tags.get(k) for k in ("git_commit", "config_digest", "dvc_data_digest", "prefect_flow_run_id",
                                            "mlflow_run_id")), (m, v.tags)
-        ev = client.search_runs([exp], f"tags.model_name = 'dsv3-{m}' and tags.model_version = '1'")
+        ev = client.search_runs([exp], f"tags.model_name = 'dsv3-{m}' and tags.model_version = '{v.version}'")
         assert len(ev) == 1 and {"eval/bpb", "eval/arith/acc"} <= set(ev[0].data.metrics), (m, ev)
     assert {a.path for a in client.list_artifacts(life[0].info.run_id, "report")} == {"report/report.md",
                                                                                     "report/report.png"}
@@ -300,8 +302,9 @@ def test_lifecycle_on_the_whole_stack(stack, tmp_path):
 
     # ---- Ray: pretraining and extension each on both nodes, one worker per node, in the node's own dir ---
     ray_dir = (stack["state"] / "ray").resolve()
-    trained = [x for s in ("pretrain", "extend_1") for x in client.search_runs([exp], f"tags.stage = '{s}'")]
-    assert sorted(x.data.tags["stage"] for x in trained) == ["extend_1", "pretrain"]
+    trained = [client.get_run(mv["base"].run_id), *client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{mv['long'].run_id}' and tags.stage = 'extend_1'")]
+    assert [x.data.tags["stage"] for x in trained] == ["pretrain", "extend_1"]
     for run in trained:
         ws = _workers(run)
         assert len({w["node_id"] for w in ws}) == 2, ws
