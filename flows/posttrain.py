@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,17 +72,34 @@ def distill_task(cfg, student, teacher, data, out, pid):
 
 
 @task(retries=2, retry_delay_seconds=5)
-def register_task(cfg, final, start):
-    return stages.register_chat(cfg, final, start)
+def publish_task(cfg, local):
+    return stages.publish(cfg, local)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def register_task(cfg, final, start, checkpoint_uri=None):
+    return stages.register_chat(cfg, final, start, checkpoint_uri)
 
 
 @flow(name="posttrain", log_prints=True)
 def posttrain_flow(cfg: RunConfig, init: str | None = None, parent_run_id: str | None = None,
                    repo: str = ".") -> dict:
-    """SFT -> reward model -> GRPO (-> distillation), each stage an MLflow child run; registers the result."""
+    """SFT -> reward model -> GRPO (-> distillation), each stage an MLflow child run; registers the result.
+    With a storage URI (`train.storage_uri` / $DSV3_CHECKPOINT_URI) the stages work in a temporary scratch
+    directory and each one's output is uploaded to `<storage>/<posttrain.out_dir>/<stage>`."""
+    # a storage URI (server mode): stage outputs go to storage, the local copies are scratch
+    scratch = Path(tempfile.mkdtemp(prefix="dsv3-posttrain-")) if stages.storage_base(cfg) else None
+    try:
+        return _posttrain(cfg, scratch or Path(cfg.posttrain.out_dir), init, parent_run_id, repo, scratch is not None)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _posttrain(cfg: RunConfig, out: Path, init: str | None, parent_run_id: str | None, repo: str,
+               remote: bool) -> dict:
     from dsv3 import tracking
 
-    out = Path(cfg.posttrain.out_dir)
     start = stages.find_init(cfg, out, init)  # before any run: a missing model is a message, not a run
     res: dict = {"init": start}
     with tracking.start_run(cfg, "posttrain", run_name=f"{cfg.name}-posttrain", parent_run_id=parent_run_id,
@@ -96,7 +115,11 @@ def posttrain_flow(cfg: RunConfig, init: str | None = None, parent_run_id: str |
             teacher = d.teacher or final  # default: distil the RL'd policy into the SFT student
             res["distill"] = distill_task(cfg, sft["ckpt"], teacher, data, str(out / "distill"), pid)
             final = res["distill"]["ckpt"]
-        res.update(final=final, model_uri=register_task(cfg, final, start))
+        if remote:  # every stage's output to storage (the scratch goes when the flow ends)
+            res["published"] = {k: publish_task(cfg, res[k]["ckpt"]) for k in ("sft", "reward", "grpo", "distill")
+                                if k in res}
+        uri = res.get("published", {}).get("distill" if d.enabled else "grpo", final)
+        res.update(final=uri, model_uri=register_task(cfg, final, start, uri))
     mlflow_link("posttrain-run", pid, f"{cfg.name}: post-training run (registers {res['model_uri']})")
     return res
 

@@ -8,7 +8,8 @@ logs its own `data` run, linked by tag. Registry hand-off: pretraining registers
 (`models:/dsv3-base/N`) and registers `-long` with it as `parent_model`; both get alias
 `candidate`. `extend` alone (`extend_flow`, the lifecycle's extension stage) runs the YaRN stages
 from a given model. Ray is started by its own retried task; a progress artifact follows
-pretraining (the driver reads the progress lines rank 0 writes) and a link artifact opens each
+pretraining (rank 0's progress lines: its train.log in-process, the Ray launcher's `on_output` on
+Ray, with or without a shared filesystem) and a link artifact opens each
 stage's MLflow run.
 
     python -m flows.pretrain --config configs/pretrain_small.yaml [--set k=v ...] [--no-data] [--no-ray]
@@ -42,16 +43,17 @@ def ray_start(cfg: RunConfig) -> None:
 
 @task
 def pretrain_task(cfg: RunConfig, parent_run_id: str, use_ray: bool, tags: dict) -> dict:
-    from dsv3.train.run_log import watch_progress
+    from dsv3.train.run_log import progress_sink, watch_progress
 
-    with watch_progress(cfg.train.out_dir, progress("pretrain-progress", f"{cfg.name}: pretraining steps")):
-        if use_ray:
-            from dsv3.train.launcher import run_training
+    bar = progress("pretrain-progress", f"{cfg.name}: pretraining steps")
+    if use_ray:  # the launcher hands rank 0's lines on (with or without a shared filesystem)
+        from dsv3.train.launcher import run_training
 
-            res = run_training(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags)
-        else:
-            from dsv3.train.loop import train
+        res = run_training(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags, on_output=progress_sink(bar))
+    else:
+        from dsv3.train.loop import train
 
+        with watch_progress(cfg.train.out_dir, bar):
             res = train(cfg, parent_run_id=parent_run_id, stage="pretrain", tags=tags).to_json()
     mlflow_link("pretrain-run", res.get("run_id"), f"{cfg.name}: pretraining run (registers {res.get('model_uri')})")
     return res
@@ -68,8 +70,14 @@ def extend_task(cfg: RunConfig, init: str, parent_run_id: str | None, use_ray: b
 
 
 @flow(name="extend", log_prints=True)
-def extend_flow(cfg: RunConfig, init: str, parent_run_id: str | None = None, use_ray: bool = False) -> dict:
-    """YaRN context extension (§4.3) from `init` (best a registry URI, `models:/dsv3-base/N`); registers -long."""
+def extend_flow(cfg: RunConfig, init: str, parent_run_id: str | None = None, use_ray: bool | None = None) -> dict:
+    """YaRN context extension (§4.3) from `init` (best a registry URI, `models:/dsv3-base/N`); registers -long.
+    `use_ray` None: on Ray Train when `lifecycle.use_ray` and a storage URI is in force (server mode: no
+    shared filesystem, so the driver is no place for a training stage's files), else in-process."""
+    if use_ray is None:
+        from dsv3.train import storage
+
+        use_ray = cfg.lifecycle.use_ray and storage.base_uri(cfg) is not None
     return extend_task(cfg, init, parent_run_id, use_ray)
 
 

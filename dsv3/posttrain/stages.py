@@ -76,17 +76,38 @@ def find_init(run_cfg, out: Path, init: str | None = None, prefer: tuple[str, ..
         "`--init PATH|URI` (a checkpoint), or `--init fresh` for a randomly initialised model"))
 
 
-def register_chat(run_cfg, final: str, start: str) -> str:
+def register_chat(run_cfg, final: str, start: str, checkpoint_uri: str | None = None) -> str:
     """Register the post-trained model from the active (posttrain) run as a new version of
-    `<registered_model>-chat` (alias `candidate`; parent = `start`, the data digest of the SFT data)."""
+    `<registered_model>-chat` (alias `candidate`; parent = `start`, the data digest of the SFT data);
+    the run's `checkpoint_uri` tag is `checkpoint_uri` (where `publish` put it), else `final`."""
     from dsv3.data.version import data_digest
 
     data = Path(run_cfg.posttrain.data.out_dir)
     sm = tracking.register_stage_model(final, tracking.stage_model_name("chat", run_cfg.tracking.registered_model),
                                        parent_model=start, config=run_cfg.section("posttrain"),
                                        data_digest=data_digest(data) if data.is_dir() else None)
-    tracking.set_tags({"registered_model": sm.uri, "checkpoint_uri": final})
+    tracking.set_tags({"registered_model": sm.uri, "checkpoint_uri": checkpoint_uri or final})
     return sm.uri
+
+
+def storage_base(run_cfg) -> str | None:
+    """The storage URI in force (`train.storage_uri` / $DSV3_CHECKPOINT_URI; dsv3.train.storage), or None.
+    With one, post-training works in a temporary scratch directory and `publish`es each stage's output:
+    no shared filesystem, so nothing is left in the driver's working directory (infra/ray.md)."""
+    from dsv3.train import storage
+
+    return storage.base_uri(run_cfg)
+
+
+def publish(run_cfg, local: str | Path) -> str:
+    """A stage's output directory uploaded to `<storage>/<posttrain.out_dir>/<its name>` (verified on
+    download, storage.push_dir), returning that URI; without a storage URI, the local path as it is."""
+    from dsv3.train import storage
+
+    base = storage_base(run_cfg)
+    if base is None:
+        return str(local)
+    return storage.push_dir(local, f"{base}/{storage.run_key(run_cfg.posttrain.out_dir)}/{Path(local).name}")
 
 
 def generate_sft_data(run_cfg, out_dir: str | Path | None = None, teacher_uri: str | None = None) -> dict:

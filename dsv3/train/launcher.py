@@ -7,7 +7,8 @@ Design choices
 - The layout is checked before Ray starts (`layout.check_layout`: ConfigError naming the key).
 - Workers' threads default to cpu_count / workers; they get the driver's MLFLOW_TRACKING_URI (a local
   SQLite store by default) and its AWS_* settings. The result is rank 0's return value
-  (`Result.return_value`), never a file the driver reads.
+  (`Result.return_value`), never a file the driver reads. Rank 0's MLflow run is tagged `ray_workers`
+  (each rank's Ray node and working directory), so where a run's ranks ran is on record.
 - Two modes, chosen by `train.storage_uri` / $DSV3_CHECKPOINT_URI (storage.py, infra/ray.md):
   * no storage URI (the laptop default): one filesystem. Paths are made absolute for the workers,
     checkpoints live in `<out_dir>/checkpoints`, rank 0's train.log is tailed by the driver.
@@ -30,6 +31,7 @@ Ray itself is started through dsv3.cluster (the general Ray helpers).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -43,6 +45,7 @@ from dsv3.train import storage
 from dsv3.train.layout import check_layout
 from dsv3.train.loop import shard_dir, tokenizer_dir, train
 
+PLACEMENT_TAG = "ray_workers"  # MLflow run tag: JSON list of {rank, node_id, cwd}
 FORWARD_ENV = ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                "MLFLOW_S3_ENDPOINT_URL")
@@ -76,9 +79,10 @@ def _train_worker(config: dict) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "train.log", "a") as f:
                 f.write(line + "\n")
+    tags = {**(config.get("tags") or {}), PLACEMENT_TAG: json.dumps(workers)}  # where the ranks ran, for the record
     try:
         res = train(cfg, resume=config["resume"] or attempt > 1, parent_run_id=config.get("parent_run_id"),
-                    stage=config["stage"], run_name=config.get("run_name"), tags=config.get("tags"))
+                    stage=config["stage"], run_name=config.get("run_name"), tags=tags)
     finally:
         if forward is not None:
             forward()
@@ -168,7 +172,6 @@ def _storage_config(cfg, base: str, n_workers: int, env: dict):
 def _push_input(local: str, base: str) -> str:
     """A local input directory uploaded once, under the hash of its contents."""
     import hashlib
-    import json
 
     files = storage.sha256_files(Path(local))
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
@@ -181,12 +184,13 @@ def _push_input(local: str, base: str) -> str:
 def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = None, resume: bool = False,
                  parent_run_id: str | None = None, stage: str = "pretrain", run_name: str | None = None,
                  tags: dict | None = None, address: str | None = None, progress: bool = True,
-                 placement_strategy: str = "PACK") -> dict:
+                 placement_strategy: str = "PACK", on_output=None) -> dict:
     """Run `dsv3.train.loop.train` on Ray Train with dp × pp workers (`parallel.dp`, `parallel.pp`: data-
     and pipeline-parallel ranks, §3.2.1; the loop builds the pipeline over the workers' process group;
     `parallel.ep`: the dp workers also shard the routed experts, §3.2.2); returns rank 0's result
     (result.json's fields, plus `attempt`: how many times the worker group started, and `workers`: each
-    rank's Ray node and working directory)."""
+    rank's Ray node and working directory). Rank 0's train.log lines are printed as they come and, when
+    given, passed to `on_output(text)` (e.g. `run_log.progress_sink`: a progress bar in either mode)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -212,7 +216,9 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
     config = {"cfg": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex,
               "parent_run_id": parent_run_id, "stage": stage, "run_name": run_name, "tags": tags,
               "storage": base}
-    follow, queue = _follow_queue(config) if base else (_follow_file(Path(cfg.train.out_dir) / "train.log", resume), None)
+    emit = _emitter(on_output)
+    follow, queue = _follow_queue(config, emit) if base else \
+        (_follow_file(Path(cfg.train.out_dir) / "train.log", resume, emit), None)
     trainer = TorchTrainer(
         _with_env(env), train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker={"CPU": 1},
@@ -237,8 +243,6 @@ def run_training(cfg, num_workers: int | None = None, use_gpu: bool | None = Non
         if connected_here and (address or os.environ.get("RAY_ADDRESS")):
             ray.shutdown()  # the head may restart before the next run: see the module docstring
     if getattr(result, "return_value", None) is None and not base:  # Ray Train v1 (RAY_TRAIN_V2_ENABLED=0)
-        import json
-
         return json.loads((Path(cfg.train.out_dir) / "result.json").read_text())
     return result.return_value
 
@@ -252,6 +256,15 @@ def _with_env(env: dict):
 
 
 # ---------------------------------------------------------------------------- progress lines
+def _emitter(on_output):
+    def emit(chunk: str) -> None:
+        print(chunk, end="", flush=True)
+        if on_output is not None:
+            on_output(chunk)
+
+    return emit
+
+
 def _tail(path: Path, start: int, emit, every: float):
     """`follow(stop)`: pass what is appended to `path` (from byte `start`) to `emit` every `every` s,
     until `stop` is set (then once more, so the last lines are not lost)."""
@@ -273,13 +286,13 @@ def _tail(path: Path, start: int, emit, every: float):
     return follow
 
 
-def _follow_file(path: Path, resume: bool):
+def _follow_file(path: Path, resume: bool, emit):
     """One filesystem: the driver tails rank 0's train.log."""
     path.write_text("") if not resume else path.touch()
-    return _tail(path, 0, lambda chunk: print(chunk, end="", flush=True), every=0.5)
+    return _tail(path, 0, emit, every=0.5)
 
 
-def _follow_queue(config: dict):
+def _follow_queue(config: dict, emit):
     """No shared filesystem: rank 0 puts its new train.log lines on a Ray queue the driver prints."""
     from ray.util.queue import Empty, Queue
 
@@ -291,7 +304,7 @@ def _follow_queue(config: dict):
             done = stop.is_set()
             try:
                 while True:
-                    print(queue.get(timeout=0.5), end="", flush=True)
+                    emit(queue.get(timeout=0.5))
             except Empty:
                 pass
             if done:

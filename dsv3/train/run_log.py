@@ -70,6 +70,25 @@ def parse_progress(line: str) -> tuple[str, int, int] | None:
     return (m["stage"], int(m["step"]), int(m["total"])) if m else None
 
 
+def progress_sink(callback):
+    """A sink for train.log text arriving in chunks (the Ray launcher's `on_output`: rank 0's lines from its
+    file, or through a Ray queue when there is no shared filesystem): `callback(step, total)` for the last
+    progress line of each chunk; a failing callback is ignored (progress must never stop training)."""
+    buf = [""]
+
+    def feed(chunk: str) -> None:
+        buf[0] += chunk
+        *lines, buf[0] = buf[0].split("\n")
+        last = next((p for p in map(parse_progress, reversed(lines)) if p), None)
+        if last:
+            try:
+                callback(last[1], last[2])
+            except Exception:  # noqa: BLE001
+                pass
+
+    return feed
+
+
 @contextmanager
 def watch_progress(out_dir: str | Path, callback, every: float = 1.0):
     """Call `callback(step, total)` for each new progress line of `<out_dir>/train.log` while the block

@@ -8,7 +8,12 @@ uploaded to S3 beforehand from a directory the drivers never see, and models are
 registry URIs. Afterwards each driver's working dir must still be empty: nothing a worker needed (or
 wrote) was there. The two-node run places one worker per node (one logical CPU each, SPREAD), kills
 one mid-run (Ray Train restarts the group: resume from S3), and is also killed for good and
-restarted as a new job with resume=True (resume from S3 again, in another working dir)."""
+restarted as a new job with resume=True (resume from S3 again, in another working dir).
+
+Last, the whole tiny lifecycle (`python -m flows.lifecycle`) on the stack, in a checkout of its own:
+the MLflow server's registry gets dsv3-base/-long/-chat with lineage, aliases and linked evals, the
+Prefect server the flow runs, both Ray nodes a pretraining and an extension worker each, S3 the
+checkpoints; the checkout only its data stage's files and the report card."""
 
 from __future__ import annotations
 
@@ -158,13 +163,13 @@ def test_extension_stage_from_the_registry_on_two_nodes(stack, inputs, tmp_path)
         from dsv3.config import RunConfig
         from dsv3.train.extend import extend
         cfg = RunConfig.load({CONFIG!r}, {ov!r})
-        out = extend(cfg, "models:/dsv3/1", use_ray=True, num_workers=2)
+        out = extend(cfg, "models:/dsv3-base/1", use_ray=True, num_workers=2)
         print(json.dumps({{k: out[k] for k in ("stages", "model_dir", "model_version", "passkey_after")}}))
     """, stack, d, tmp_path / "driver-cache")
     assert [s["model_dir"] for s in res["stages"]] == [
         "s3://dsv3-checkpoints/runs/noshare-ext/extend_1/final", "s3://dsv3-checkpoints/runs/noshare-ext/extend_2/final"]
     assert all(len({w["node_id"] for w in s["workers"]}) == 2 for s in res["stages"])
-    assert res["model_version"] == "2"
+    assert res["model_version"] == "1"  # dsv3-long/1, its parent the pretraining test's dsv3-base/1
     assert _empty(d) == []
 
 
@@ -181,12 +186,12 @@ def test_sft_reads_and_writes_models_through_the_registry(stack, inputs, tmp_pat
         from dsv3.posttrain import stages
         cfg = RunConfig.load({str(REPO / "configs" / "posttrain_tiny.yaml")!r}, {pt!r})
         data = stages.stage_data(cfg)
-        sft = stages.stage_sft(cfg, "models:/dsv3/2", data, {str(scratch / "sft")!r})
+        sft = stages.stage_sft(cfg, "models:/dsv3-long/1", data, {str(scratch / "sft")!r})
         with tracking.start_run(cfg, "sft-register"):
-            sm = tracking.register_stage_model(sft["ckpt"], "dsv3-sft", parent_model="models:/dsv3/2")
+            sm = tracking.register_stage_model(sft["ckpt"], "dsv3-sft", parent_model="models:/dsv3-long/1")
         print(json.dumps({{"version": sm.version, "parent": sm.tags.get("parent_model"), "steps": sft["steps"]}}))
     """, stack, d, tmp_path / "driver-cache")
-    assert res["parent"] == "models:/dsv3/2" and res["steps"] == 3
+    assert res["parent"] == "models:/dsv3-long/1" and res["steps"] == 3
     import shutil
 
     shutil.rmtree(scratch)
@@ -200,3 +205,133 @@ def test_sft_reads_and_writes_models_through_the_registry(stack, inputs, tmp_pat
     """, stack, d2, tmp_path / "reader-cache")
     assert "config.json" in back["files"] and "tokenizer.json" in back["files"]
     assert _empty(d) == [] and _empty(d2) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole lifecycle against the whole stack
+LIFECYCLE_SETS = ["lifecycle.use_ray=true", "parallel.dp=2", "train.threads=1", "lifecycle.heldout.n=8",
+                  "eval.bpb_max_tokens=1000", "posttrain.sft.max_steps=2", "posttrain.grpo.steps=1"]
+MODEL_FILES = (".safetensors", ".pt", ".pth", ".ckpt", "pytorch_model.bin")  # (shards are .bin too)
+
+
+def _prefect_runs(api: str) -> dict[str, list[dict]]:
+    """{flow name: [its flow runs]} on the stack's Prefect server (its REST API)."""
+    import urllib.request
+
+    def post(path: str, body: dict) -> list[dict]:
+        req = urllib.request.Request(f"{api}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    names = {f["id"]: f["name"] for f in post("flows/filter", {"limit": 200})}
+    out: dict[str, list[dict]] = {}
+    for fr in post("flow_runs/filter", {"limit": 200}):
+        out.setdefault(names[fr["flow_id"]], []).append(fr)
+    out["artifacts"] = post("artifacts/filter", {"limit": 200})
+    return out
+
+
+def _workers(run) -> list[dict]:
+    from dsv3.train.launcher import PLACEMENT_TAG
+
+    return json.loads(run.data.tags[PLACEMENT_TAG])
+
+
+@pytest.mark.timeout(1200)
+def test_lifecycle_on_the_whole_stack(stack, tmp_path):
+    """`python -m flows.lifecycle --config configs/lifecycle_tiny.yaml` with only the stack's exports, in a
+    checkout of its own (the data stage is DVC's): MLflow server (PostgreSQL + S3 artifacts), Prefect
+    server, Ray (two nodes, dp=2: one worker per node, pretraining and extension), checkpoints through
+    the S3 storage URI. Afterwards the checkout holds its data and the report card, no checkpoint or
+    model: those are in S3 (the run prefixes) and the MLflow artifact store."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.lifecycle.conftest import make_repo
+
+    drv = make_repo(tmp_path / "checkout")
+    before = set(_empty(drv))
+    env = {**os.environ, **stack["env"], "PYTHONPATH": str(REPO), "DSV3_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    sets = [x for s in LIFECYCLE_SETS for x in ("--set", s)]
+    t0 = time.time()
+    # -P: the project's code comes from its install (PYTHONPATH here), not from the driver's checkout
+    r = subprocess.run([sys.executable, "-P", "-m", "flows.lifecycle", "--config", "configs/lifecycle_tiny.yaml", *sets],
+                       cwd=drv, env=env, capture_output=True, text=True, timeout=1200)
+    wall = time.time() - t0
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-8000:]}"
+    print(f"lifecycle on the stack: {wall:.0f} s")
+
+    # ---- MLflow server: every stage ran; three models with lineage and aliases; evals linked ---------
+    client = MlflowClient(stack["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("dsv3").experiment_id
+    life = client.search_runs([exp], "tags.stage = 'lifecycle'")
+    assert len(life) == 1 and life[0].info.status == "FINISHED", [x.info for x in life]
+    tags = life[0].data.tags
+    print("stage wall times (s):", {k.rsplit("/", 1)[1]: round(v) for k, v in life[0].data.metrics.items()
+                                     if k.startswith("lifecycle/wall_s/")})
+    for s in ("data", "pretrain", "extend", "posttrain"):
+        assert json.loads(tags[f"lifecycle.stage.{s}"])["status"] == "ran", (s, tags[f"lifecycle.stage.{s}"])
+    uris = {m: json.loads(tags[f"lifecycle.stage.{s}"])["model_uri"]
+            for s, m in (("pretrain", "base"), ("extend", "long"), ("posttrain", "chat"))}
+    # the newest version of each (the tests above registered dsv3-base/1 and dsv3-long/1 on this stack)
+    newest = {m: max(int(v.version) for v in client.search_model_versions(f"name='dsv3-{m}'")) for m in uris}
+    assert uris == {m: f"models:/dsv3-{m}/{newest[m]}" for m in uris}
+    mv = {m: client.get_model_version(f"dsv3-{m}", str(newest[m])) for m in uris}
+    assert all(set(v.aliases) == {"candidate", "champion"} for v in mv.values()), {m: v.aliases for m, v in mv.items()}
+    assert "parent_model" not in mv["base"].tags
+    assert mv["long"].tags["parent_model"] == uris["base"] and mv["chat"].tags["parent_model"] == uris["long"]
+    for m, v in mv.items():
+        assert all(v.tags.get(k) for k in ("git_commit", "config_digest", "dvc_data_digest", "prefect_flow_run_id",
+                                           "mlflow_run_id")), (m, v.tags)
+        ev = client.search_runs([exp], f"tags.model_name = 'dsv3-{m}' and tags.model_version = '{v.version}'")
+        assert len(ev) == 1 and {"eval/bpb", "eval/arith/acc"} <= set(ev[0].data.metrics), (m, ev)
+    assert {a.path for a in client.list_artifacts(life[0].info.run_id, "report")} == {"report/report.md",
+                                                                                    "report/report.png"}
+
+    # ---- Prefect server: the lifecycle and its subflows, all completed ------------------------------
+    runs = _prefect_runs(stack["env"]["PREFECT_API_URL"])
+    arts = {a["key"]: a["data"] for a in runs.pop("artifacts") if a.get("key")}
+    assert arts["pretrain-progress"] == 100 and arts["grpo-progress"] == 100, arts  # through Ray's queue too
+    assert {n: len(v) for n, v in runs.items()} == {"lifecycle": 1, "data": 1, "pretrain": 1, "extend": 1,
+                                                      "posttrain": 1, "evaluate": 3}, runs.keys()
+    assert {fr["state_type"] for v in runs.values() for fr in v} == {"COMPLETED"}
+    assert mv["base"].tags["prefect_flow_run_id"] in {runs[f][0]["id"] for f in ("lifecycle", "pretrain")}
+
+    # ---- Ray: pretraining and extension each on both nodes, one worker per node, in the node's own dir ---
+    ray_dir = (stack["state"] / "ray").resolve()
+    trained = [client.get_run(mv["base"].run_id), *client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{mv['long'].run_id}' and tags.stage = 'extend_1'")]
+    assert [x.data.tags["stage"] for x in trained] == ["pretrain", "extend_1"]
+    for run in trained:
+        ws = _workers(run)
+        assert len({w["node_id"] for w in ws}) == 2, ws
+        assert {Path(w["cwd"]).resolve().relative_to(ray_dir).parts[0] for w in ws} == {"head-tmp", "node2-tmp"}, ws
+
+    # ---- S3: checkpoints, final models, inputs, post-training outputs; MLflow's artifact store --------
+    s3 = _s3(stack)
+    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="dsv3-checkpoints",
+                                                                          Prefix="runs/lifecycle-tiny/")
+            for o in p.get("Contents", [])]
+    for k in ("checkpoints/step_00000006/manifest.json", "final/model.safetensors",
+              "extend_1/checkpoints/step_00000002/manifest.json", "extend_1/final/model.safetensors"):
+        assert f"runs/lifecycle-tiny/{k}" in keys, (k, sorted(keys))
+    pkeys = [o["Key"] for o in s3.list_objects_v2(Bucket="dsv3-checkpoints", Prefix="checkpoints/lifecycle-tiny/")
+             .get("Contents", [])]
+    assert {k.split("/")[2] for k in pkeys} == {"sft", "reward", "grpo"}, pkeys
+    assert client.get_run(mv["chat"].run_id).data.tags["checkpoint_uri"] == \
+        "s3://dsv3-checkpoints/checkpoints/lifecycle-tiny/grpo"
+    art = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="dsv3-mlflow")
+           for o in p.get("Contents", [])]
+    assert sum(k.endswith(".safetensors") for k in art) >= 3, art  # the three stage models (pyfunc hf/)
+
+    # ---- the driver's checkout: its data stage and report card, no checkpoint, no model -------------
+    new = sorted(p for p in set(_empty(drv)) - before if (drv / p).is_file())
+    print("driver checkout, new:", sorted({"/".join(p.split("/")[:2]) for p in new}))
+    assert not [p for p in new if p.endswith(MODEL_FILES) or "final" in Path(p).parts
+                or ("checkpoints" in Path(p).parts and not p.startswith("gx/"))], new  # gx/checkpoints: GX's own
+    assert {p.split("/")[0] for p in new} <= {"data", "runs", "dvc.lock", "params.yaml", ".dvc", "gx"}, new
+    assert all(p.startswith("runs/lifecycle-tiny/reports") for p in new if p.startswith("runs/")), new
+    assert not (drv / "checkpoints").exists()

@@ -2,7 +2,7 @@
 
 import time
 
-from dsv3.train.run_log import RunLog, parse_progress, watch_progress
+from dsv3.train.run_log import RunLog, parse_progress, progress_sink, watch_progress
 
 
 def test_parse_progress():
@@ -22,3 +22,14 @@ def test_watch_progress_follows_a_live_log(tmp_path):
             time.sleep(0.15)
     assert seen and seen[-1] == (3, 3) and (9, 9) not in seen
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)
+
+
+def test_progress_sink_reads_lines_split_across_chunks():
+    seen = []
+    feed = progress_sink(lambda s, n: seen.append((s, n)))
+    feed("[pretrain] step 1/4 loss 3.0\n[pretrain] step 2/4 lo")  # the 2nd line is not complete yet
+    assert seen == [(1, 4)]
+    feed("ss 2.9\n[pretrain] step 2 val/loss 2.8\n")
+    assert seen == [(1, 4), (2, 4)]
+    bad = progress_sink(lambda s, n: 1 / 0)  # a failing callback never stops the caller
+    bad("[pretrain] step 4/4 loss 1.0\n")
