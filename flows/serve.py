@@ -10,8 +10,10 @@ process on 127.0.0.1, wait for /health, the smoke, the MLflow run); this module 
     stop    -> SIGINT, unless `keep_running`
 `keep_running` is the deployment's long-running mode: after the smoke the flow run stays Running
 for as long as the server does, and stopping either stops both. Stop it by cancelling the flow run
-(Prefect UI, or `prefect flow-run cancel FLOW_RUN_ID`), with Ctrl-C on `python -m flows.serve`, or
-with `kill -INT PID` (the server's pid is printed, and tagged `serve.pid` on the MLflow run).
+of the deployment (the Prefect UI's Cancel, or `prefect flow-run cancel FLOW_RUN_ID`: the worker's
+SIGTERM ends the flow, which stops the server), with Ctrl-C on `python -m flows.serve`, or with
+`kill -INT PID` (the server's pid is printed and tagged `serve.pid` on the MLflow run; the flow run
+then completes).
 
     python -m flows.serve [MODEL_URI] [--port 0] [--no-smoke] [--keep-running] [--threads N] [--set FIELD=VALUE]
 """
@@ -50,7 +52,8 @@ def start(served: sm.Served, host: str, port: int, threads: int | None, settings
           timeout_s: float) -> sm.ServerProcess:
     server = sm.start(served, host, port, threads, settings, log_dir)
     server.wait_ready(timeout_s)
-    print(f"`dsv3 serve` (pid {server.pid}) answers on {server.url} after {server.startup_s:.1f} s; log {server.log_path}")
+    print(f"`dsv3 serve` (pid {server.pid}) answers on {server.url} after {server.startup_s:.1f} s; "
+          f"log {server.log_path}")
     return server
 
 
