@@ -44,6 +44,7 @@ STAGE_SECTIONS = {
     "extend": ("model", "train", "parallel"),
     "posttrain": ("posttrain", "train.precision"),
     "eval": ("eval", "lifecycle.heldout"),
+    "serve": (),  # the serve smoke: its identity is the champion version and the serving code
 }
 _TRAIN_BOOKKEEPING = ("out_dir", "shards", "tokenizer", "threads", "log_every", "plots", "log_checkpoints",
                       "register_model", "keep_last", "max_failures", "init_from")

@@ -12,6 +12,7 @@ only decides, per stage, "cached, or run the subflow", and passes registry URIs 
     posttrain -> posttrain_flow(init=models:/dsv3-long@candidate)   registers models:/dsv3-chat/K
     evaluate  -> evaluate_flow per stage model (and per current champion, for the gate)
     gate      -> promote each candidate that beats its champion (alias `champion`)
+    serve     -> serve_flow(models:/dsv3-chat/<champion>): `dsv3 serve` + a smoke request (lifecycle.serve_smoke)
 A stage whose key is found in the MLflow store finishes in Prefect as `Cached` (its task returns a
 Completed state named so) and writes nothing; `--force STAGE` re-runs from that stage. Every run,
 a failed one too, writes report.md + report.png (under `lifecycle.report_dir/<MLflow run id>/`), logs them to its
@@ -164,6 +165,30 @@ def gate_stage(cfg: RunConfig, lid: str, model_stage: str, candidate: str, evals
     return d.to_json()
 
 
+@task(name="serve", cache_policy=NO_CACHE)
+def serve_stage(cfg: RunConfig, lid: str, force: str | None) -> dict:
+    """Last stage: `dsv3 serve` on the chat champion and a smoke request (flows/serve.py), cached by the
+    champion version and the serving code; skipped (and said so) when no version is champion."""
+    from dsv3 import tracking
+    from flows.serve import serve_flow
+
+    champion = tracking.resolve_stage_model(plan.model_name(cfg, "posttrain"), (tracking.CHAMPION,))
+    if champion is None:
+        rec = {"status": "skipped", "reason": "no chat champion to serve"}
+        ledger.note(lid, "serve", rec)
+        return rec
+    sk = plan.stage_key(cfg, "serve", {"model": champion})
+    t0 = time.time()
+    rec = ledger.hit(cfg, sk, force)
+    cached = rec is not None
+    if not cached:
+        r = serve_flow(champion, threads=cfg.train.threads, parent_run_id=lid, tags={plan.KEY_TAG: sk.key})
+        rec = {"status": "ran", "key": sk.key, "run_id": r["run_id"]}
+    rec = ledger.serve_record(rec, champion, time.time() - t0)
+    ledger.note(lid, "serve", rec)
+    return _cached(rec) if cached else rec
+
+
 def _card(cfg: RunConfig, lid: str):
     """report.md + report.png, logged to the lifecycle's MLflow run: (markdown, md path, png path)."""
     from dsv3 import tracking
@@ -217,6 +242,8 @@ def lifecycle_flow(cfg: RunConfig | None = None, force: str | None = None) -> di
                     scores[u] = out["evals"][label]["metrics"]
         for stage, model_stage in MODELS.items():
             out["gates"][model_stage] = gate_stage(cfg, lid, model_stage, st[stage]["model_uri"], scores)
+        if cfg.lifecycle.serve_smoke:
+            out["serve"] = _result(serve_stage(cfg, lid, force, return_state=True))
     except BaseException as e:
         ledger.end(lid, started, ok=False, error=f"{type(e).__name__}: {e}")
         try:  # a failed run's card says how far it got and why it stopped

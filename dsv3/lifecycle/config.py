@@ -9,6 +9,8 @@
   the MLflow store (dsv3/lifecycle/plan.py); `use_ray`: pretraining on Ray Train workers.
 - `heldout`: the verifiable task scored for every stage model the same way (verifiable.py): a+b
   problems drawn with their own seed, greedy answers, exact numeric match.
+- `serve_smoke`: the last stage starts `dsv3 serve` on the chat champion and sends it a smoke request
+  (flows/serve.py, §3.4 deployment); cached by (champion version, serving code) like the other stages.
 """
 
 from __future__ import annotations
@@ -61,3 +63,4 @@ class LifecycleConfig(_Section):
     use_ray: bool = True
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
     report_dir: str = "runs/lifecycle"  # report.md + report.png of each lifecycle run, under <run id>/
+    serve_smoke: bool = True  # last stage: serve the chat champion, one smoke request, the version in MLflow

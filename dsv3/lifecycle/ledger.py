@@ -12,6 +12,8 @@
   `lifecycle.eval.<label>` for an evaluation): cached or ran, key, run ids, model URI, wall time.
 - `apply_gate` decides (gates.py) and promotes (`champion` alias), recording the decision as
   `lifecycle.gate.<stage>` and the metric `gate/<stage>/promoted`.
+- `serve_record` is the serve smoke's record: the champion served, its start-up, smoke latency and
+  TTFT (read from the serve run, cached or not).
 - `end` ends the run FINISHED or FAILED with the total wall time.
 """
 
@@ -81,6 +83,14 @@ def apply_gate(cfg, run_id: str, model_stage: str, candidate: str, evals: dict[s
     tracking.set_run_tags(run_id, {f"lifecycle.gate.{model_stage}": json.dumps(d.to_json())})
     tracking.log_metrics_to(run_id, {f"gate/{model_stage}/promoted": float(d.promote)})
     return d
+
+
+def serve_record(rec: dict, champion: str, wall_s: float) -> dict:
+    """The serve stage's record (`rec`: status, key, the serve run's id) with the figures of its run."""
+    m = tracking.run_info(rec["run_id"]).data.metrics
+    return {**{k: v for k, v in rec.items() if k != "metrics"}, "model_uri": champion, "wall_s": wall_s,
+            "startup_s": m.get("serve/startup_s"), "smoke_latency_s": m.get("serve/smoke_latency_s"),
+            "smoke_ttft_s": m.get("serve/smoke_ttft_s")}
 
 
 def end(run_id: str, started: float, ok: bool = True, error: str | None = None) -> None:

@@ -16,7 +16,8 @@ model carries the key tag (`KEY_TAG`) and its run finished and its files resolve
 evaluations when a finished run carries it (the data run's digest must also match the shards on
 disk). A wiped store is never a false hit. `--force STAGE` ignores hits from that stage on.
 Order (`ORDER`): data -> pretrain -> extend -> posttrain -> eval; a failure in stage k leaves
-stages < k as hits, so the next run resumes at k.
+stages < k as hits, so the next run resumes at k. The serve smoke of the chat champion comes last
+(`serve`: a key in ROOTS, not a `--force` choice; keyed by the champion version it served).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ROOTS = {  # the entry modules of each stage; the code version hashes their impo
     "extend": ("dsv3.train.extend", "dsv3.train.launcher"),
     "posttrain": ("dsv3.posttrain.stages",),
     "eval": ("dsv3.evals.runner", "dsv3.evals.adapter", "dsv3.lifecycle.verifiable"),
+    "serve": ("dsv3.serve.smoke", "dsv3.serve.server", "dsv3.serve.cli"),  # after ORDER: the champion's smoke
 }
 DATA_FILES = {"eval": ("evals/tasks",)}  # non-Python files a stage reads (repository-relative)
 KEY_TAG = "lifecycle_key"
@@ -137,8 +139,9 @@ def check_force(force: str | None) -> str | None:
 
 
 def use_cache(cfg, stage: str, force: str | None) -> bool:
-    """Whether a hit may be reused: caching on, and `stage` is before the forced one."""
-    return cfg.lifecycle.cache and (force is None or ORDER.index(stage) < ORDER.index(force))
+    """Whether a hit may be reused: caching on, and `stage` is before the forced one (the serve smoke,
+    not in ORDER, comes after every stage: any `--force` re-runs it)."""
+    return cfg.lifecycle.cache and (force is None or (stage in ORDER and ORDER.index(stage) < ORDER.index(force)))
 
 
 # ---- hits -----------------------------------------------------------------------------------------

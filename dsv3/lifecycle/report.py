@@ -4,8 +4,8 @@ nanochat wrote such a card from the training process and removed it when it drif
 logged; this one is rebuilt from tracked data, so it cannot say anything the store does not:
 - the lifecycle run: its params (the config), tags `git_commit`, `dvc_data_digest`,
   `prefect_flow_run_id`, one `lifecycle.stage.<stage>` JSON tag per stage (cached or ran, its key,
-  run ids, model URI, wall time in this lifecycle) and one `lifecycle.gate.<stage>` JSON tag per gate
-  decision (gates.py),
+  run ids, model URI, wall time in this lifecycle; the serve smoke's start-up, latency and TTFT) and
+  one `lifecycle.gate.<stage>` JSON tag per gate decision (gates.py),
 - each stage's runs: wall time (end - start), loss curves (`train/loss`, `val/loss` of pretraining and
   the extension stages, SFT `sft/loss` / `val/loss`, GRPO `grpo/reward_mean`),
 - each evaluated model's eval run: its metrics, side by side (`evals.report.results_table`).
@@ -105,10 +105,25 @@ def markdown(card: dict) -> str:
                      f"({g['direction']}) | "
                      f"{'—' if cv is None else f'{cv:.4f}'} | {'—' if hv is None else f'{hv:.4f}'} | "
                      f"{'yes' if g['promote'] else 'no'} | {g['reason']} |")
+    lines += _serving(card["stages"].get("serve"))
     lines += ["", "![report](report.png)", "", "<details><summary>config (MLflow params)</summary>", "", "```"]
     lines += [f"{k}: {v}" for k, v in sorted(card["params"].items())]
     lines += ["```", "</details>", ""]
     return "\n".join(lines)
+
+
+def _serving(r: dict | None) -> list[str]:
+    """The serve smoke's row: the champion served, start-up, smoke latency and TTFT (flows/serve.py)."""
+    if not r:
+        return []
+    if r.get("status") == "skipped":
+        return ["", "## Serving", "", f"skipped: {r.get('reason')}"]
+    ms = (lambda v: "—" if v is None else f"{v * 1000:.0f} ms")
+    return ["", "## Serving (`dsv3 serve` on the chat champion, one smoke request)", "",
+            "| served model | this run | server start-up | smoke latency | smoke TTFT | serve run |",
+            "|---|---|---|---|---|---|",
+            f"| {r.get('model_uri')} | {r.get('status')} | {_fmt_s(r.get('startup_s'))} | "
+            f"{ms(r.get('smoke_latency_s'))} | {ms(r.get('smoke_ttft_s'))} | `{r.get('run_id', '—')}` |"]
 
 
 def _eval_table(ax, card: dict) -> None:

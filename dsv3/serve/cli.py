@@ -59,6 +59,15 @@ def config_from_args(a: argparse.Namespace):
         raise ConfigError(f"serve.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def _run(srv) -> None:
+    """Serve until SIGINT / SIGTERM. uvicorn shuts down gracefully, then re-raises the signal it caught:
+    a Ctrl-C (SIGINT) is that stop, not an error (exit status 0, no traceback, a tracked run FINISHED)."""
+    try:
+        srv.run()
+    except KeyboardInterrupt:
+        print("dsv3 serve: stopped (SIGINT)", flush=True)
+
+
 def _serve(a: argparse.Namespace) -> int:
     import logging
 
@@ -68,14 +77,14 @@ def _serve(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     srv = Server(cfg)
     if not a.track:
-        srv.run()
+        _run(srv)
         return 0
     from dsv3 import tracking
 
     tags = {k: srv.info.get(k) for k in ("uri", "version", "run_id")}
     with tracking.start_run(cfg.model_dump(mode="json"), stage="serve", tags={f"model_{k}": v for k, v in tags.items()}):
         try:
-            srv.run()
+            _run(srv)
         finally:
             if srv.engine.spec is not None:
                 srv.engine.spec.log_mlflow()

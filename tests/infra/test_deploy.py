@@ -24,7 +24,7 @@ DEPLOY = ROOT / "infra" / "deploy.py"
 def test_prefect_yaml_declares_every_flow_with_a_process_pool():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"lifecycle", "data", "pretrain", "posttrain", "evaluate"}
+    assert set(deps) == {"lifecycle", "data", "pretrain", "posttrain", "evaluate", "serve"}
     assert deps["lifecycle"]["entrypoint"] == "flows/lifecycle.py:lifecycle_flow"
     for name, d in deps.items():
         path, fn = d["entrypoint"].split(":")
@@ -100,7 +100,10 @@ def test_make_deploy_then_run_deployment_completes_on_the_worker(tmp_path):
                 assert pool.type == "process"
             forms = {"data": "DataConfig", "pretrain": "RunConfig", "posttrain": "RunConfig", "evaluate": "EvalConfig",
                      "lifecycle": "RunConfig"}
-            for name in want:  # a typed form: the pydantic config's fields are in the parameter schema
+            serve = deps["serve"].parameter_openapi_schema["properties"]  # plain typed parameters
+            assert {k: serve[k]["type"] for k in ("model_uri", "port", "keep_running")} == {
+                "model_uri": "string", "port": "integer", "keep_running": "boolean"}
+            for name in set(want) - {"serve"}:  # a typed form: the pydantic config's fields are in the schema
                 schema = deps[name].parameter_openapi_schema
                 defs = schema.get("definitions") or schema.get("$defs") or {}
                 assert forms[name] in defs and "properties" in defs[forms[name]], (name, list(defs))

@@ -73,7 +73,8 @@ def test_lifecycle_end_to_end(repo, prefect_harness):
     assert {k: v["status"] for k, v in res["evals"].items()} == {"base": "ran", "long": "ran", "chat": "ran"}
     states, subflows, art = _prefect(fid)
     assert {states[s] for s in ("data", "pretrain", "extend", "posttrain")} == {"Completed"}
-    assert subflows == sorted(["data", "pretrain", "extend", "posttrain", "evaluate", "evaluate", "evaluate"])
+    assert subflows == sorted(["data", "pretrain", "extend", "posttrain", "evaluate", "evaluate", "evaluate",
+                               "serve"])
     digest = st["data"]["data_digest"]
     assert digest == data_digest(repo / "data" / "shards")
 
@@ -105,10 +106,18 @@ def test_lifecycle_end_to_end(repo, prefect_harness):
         assert res["gates"][m]["promote"] and "no champion yet" in res["gates"][m]["reason"]
     assert not _no_none_tags(client, exp)
 
+    # ---- the last stage served the promoted chat champion and recorded the version that answered ---
+    sv = res["serve"]
+    assert sv["status"] == "ran" and sv["model_uri"] == uris["chat"] and states["serve"] == "Completed"
+    served = tracking.run_info(sv["run_id"]).data
+    assert (served.tags["model_version"], served.tags["mlflow.parentRunId"]) == ("1", res["run_id"])
+    assert served.metrics["serve/smoke_latency_s"] == sv["smoke_latency_s"] > 0
+
     # ---- report card and Prefect artifacts ---------------------------------------------------------
     md = Path(res["report"]["markdown"]).read_text()
     assert Path(res["report"]["png"]).stat().st_size > 10_000
     assert digest in md and "| posttrain | ran |" in md and "models:/dsv3-chat/1" in md and "no champion yet" in md
+    assert f"| {uris['chat']} | ran |" in md.split("## Serving")[1]  # the serving row: version, smoke latency
     arts = {a.path for a in client.list_artifacts(res["run_id"], "report")}
     assert arts == {"report/report.md", "report/report.png"}
     assert {"lifecycle-report", "lifecycle-models", "lifecycle-run", "pretrain-run", "posttrain-run",
@@ -122,7 +131,7 @@ def test_lifecycle_end_to_end(repo, prefect_harness):
     fid2, res2 = _run(cfg)
     states2, subflows2, _ = _prefect(fid2)
     assert {states2[s] for s in ("data", "pretrain", "extend", "posttrain", "evaluate-base", "evaluate-long",
-                                 "evaluate-chat")} == {"Cached"}
+                                 "evaluate-chat", "serve")} == {"Cached"}
     assert subflows2 == []
     assert all(len(_versions(client, f"dsv3-{m}")) == 1 for m in uris)
     assert all(not g["promote"] and "champion already" in g["reason"] for g in res2["gates"].values())
@@ -151,14 +160,18 @@ def test_lifecycle_end_to_end(repo, prefect_harness):
     assert {k: v["status"] for k, v in res3["evals"].items()} == {
         "base": "cached", "long": "cached", "chat": "ran", "chat-champion": "cached"}
     assert len(_versions(client, "dsv3-base")) == len(_versions(client, "dsv3-long")) == 1
-    assert sorted(_prefect(fid3)[1]) == ["evaluate", "posttrain"]
     g = res3["gates"]["chat"]  # compared with the champion scored the same way, in this run
     assert g["champion"] == uris["chat"] and g["candidate"] == "models:/dsv3-chat/2"
     champ = tracking.resolve_stage_model("dsv3-chat", ("champion",))
     assert champ == (g["candidate"] if g["promote"] else uris["chat"])
+    # a new champion is served anew; the same one is a cache hit
+    assert sorted(_prefect(fid3)[1]) == ["evaluate", "posttrain"] + (["serve"] if g["promote"] else [])
+    assert (res3["serve"]["model_uri"], res3["serve"]["status"]) == (champ, "ran" if g["promote"] else "cached")
 
     # ---- --force eval: the models are re-scored, nothing retrained ----------------------------------
-    _, res4 = _run(changed, force="eval")
+    # (serve smoke switched off: no stage key depends on the switch, and the smoke is not re-run)
+    _, res4 = _run(RunConfig.load(TINY, ["posttrain.grpo.lr=0.001", "lifecycle.serve_smoke=false"]), force="eval")
     assert [res4["stages"][s]["status"] for s in ("data", "pretrain", "extend", "posttrain")] == ["cached"] * 4
+    assert "serve" not in res4
     assert {v["status"] for v in res4["evals"].values()} == {"ran"}
     assert len(_versions(client, "dsv3-chat")) == 2
