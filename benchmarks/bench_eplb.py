@@ -1,4 +1,4 @@
-"""EPLB and micro-batch overlap benchmarks (§3.4; issue 14 items 3 and 5): prints figures, never pass/fail.
+"""EPLB and micro-batch overlap benchmarks (§3.4): prints figures, never pass/fail.
 
 1. Balance on DeepSeek's published EPLB example: max/mean GPU load of its plan.
 2. Balance on *recorded* loads: a short real training run (`dsv3.train.loop.train`, preset `--preset`,

@@ -1,4 +1,4 @@
-"""Serving benchmarks (issue 14): decode speed against transformers, MTP speculation, and the
+"""Serving benchmarks: decode speed against transformers, MTP speculation, and the
 OpenAI-compatible server under load, all ratios measured in one run on the same weights.
 
     python benchmarks/bench_serve.py [--parts decode,spec,server,mixed] [--threads 2]

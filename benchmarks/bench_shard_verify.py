@@ -1,4 +1,4 @@
-"""What verifying a token shard costs (issue 13 §3): prints figures, never pass/fail.
+"""What verifying a token shard costs: prints figures, never pass/fail.
 
 One shard of --mb MiB is written with `write_split` (which hashes while it writes), then,
 in the same run and on the same file: a plain sequential read (the peer: the floor any full

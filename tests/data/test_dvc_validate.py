@@ -1,4 +1,4 @@
-"""GX validation as the DVC stage `validate` (issue 11, seams): real `dvc repro` in a temporary git
+"""GX validation as the DVC stage `validate`: real `dvc repro` in a temporary git
 repo runs the suites after `shards`, records data/validation.json as a metric, and a failing
 suite (PII let through by `data.pii.enabled=false`) fails `dvc repro`; `read_validation` gives
 the stage's result to the data flow and refuses a failed or stale one."""

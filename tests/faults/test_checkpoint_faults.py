@@ -1,4 +1,4 @@
-"""Checkpoint writes under faults (issue 13 §3): SIGKILL inside the write, and a full disk.
+"""Checkpoint writes under faults: SIGKILL inside the write, and a full disk.
 
 The process under test is the real `dsv3 pretrain` (python -m dsv3.cli) on tiny shards, tracked in
 a SQLite MLflow store. SIGKILL: `DSV3_CKPT_FAULT=<point>@<step>` makes checkpoint.save pause at that

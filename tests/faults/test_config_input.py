@@ -1,4 +1,4 @@
-"""Malformed run configs (issue 13 §4) at every `--config` entry point: `dsv3 pretrain`,
+"""Malformed run configs at every `--config` entry point: `dsv3 pretrain`,
 `dsv3 eval run`, `dsv3 sft-data`. Each exits 2 before doing any work, with a message naming the
 file (and line, for YAML syntax) or the key at fault. The field-level cases (unknown keys,
 wrong types, through `--set` and the config classes) are covered where the configs live: see

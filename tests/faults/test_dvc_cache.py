@@ -1,4 +1,4 @@
-"""A corrupted DVC cache entry or workspace out (issue 13 §3), with real `dvc repro` of the data
+"""A corrupted DVC cache entry or workspace out, with real `dvc repro` of the data
 stages in a temporary git + DVC repo, and the real Prefect data flow.
 
 What DVC 3.67 does (these tests pin it down; see dsv3/data/integrity.py): a workspace out

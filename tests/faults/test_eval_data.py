@@ -1,4 +1,4 @@
-"""A malformed offline eval data dir (issue 13 §4): each bad file stops the eval with an
+"""A malformed offline eval data dir: each bad file stops the eval with an
 EvalDataError naming the file and line, through `check_data_dir` and through lm-eval's own task
 loading (what `dsv3 eval` runs), before any model time is spent."""
 

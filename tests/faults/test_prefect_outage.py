@@ -1,4 +1,4 @@
-"""The Prefect API going away mid-flow (issue 13 §3), with a real `prefect server start` (its own
+"""The Prefect API going away mid-flow, with a real `prefect server start` (its own
 PREFECT_HOME and SQLite database in tmp, 127.0.0.1, a free port) killed with SIGKILL and restarted on
 the same port and database, and the tiny lifecycle (`python -m flows.lifecycle`) as a subprocess with
 its own MLflow store in a temporary git + DVC repository.

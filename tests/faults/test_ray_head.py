@@ -1,4 +1,4 @@
-"""The Ray head restarted between runs (issue 13 §3): a real `ray start --head` on a free port with its own
+"""The Ray head restarted between runs: a real `ray start --head` on a free port with its own
 temp dir, training through dsv3.train.launcher.run_training with RAY_ADDRESS set.
 
 - `dsv3 pretrain --ray` is interrupted (driver SIGKILLed mid-run), the head is killed and started again on

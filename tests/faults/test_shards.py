@@ -1,4 +1,4 @@
-"""Corrupted token shards (issue 13 §3): flipped bytes, truncation, an edited index.json.
+"""Corrupted token shards: flipped bytes, truncation, an edited index.json.
 
 Each fault is caught by `TokenShards` (what training, validation and bits-per-byte open)
 before a token is read, with a ShardError naming the file at fault; the other files are left

@@ -1,4 +1,4 @@
-"""Bad data sources (issue 13 §4): binary and non-UTF-8 files, corrupt containers, symlinks out of
+"""Bad data sources: binary and non-UTF-8 files, corrupt containers, symlinks out of
 the source, a link loop and a FIFO, through the `dsv3 data curate` entry point.
 
 Each bad file is quarantined (curated/quarantine.jsonl) with a reason naming the file and what is

@@ -1,4 +1,4 @@
-"""The MLflow tracking server going away (issue 13 §3), with a real `mlflow server` (SQLite store in tmp,
+"""The MLflow tracking server going away, with a real `mlflow server` (SQLite store in tmp,
 127.0.0.1, a free port) killed with SIGKILL and restarted on the same port and store.
 
 - Mid-run: `dsv3 pretrain` keeps training while the server is down; the metrics logged meanwhile are

@@ -1,4 +1,4 @@
-"""A tokenizer that does not match the model's vocabulary (issue 13 §4), where a model and a
+"""A tokenizer that does not match the model's vocabulary, where a model and a
 tokenizer (or token shards) meet: the lm-eval adapter (`dsv3 eval`, `lm_eval --model dsv3`),
 post-training's checkpoint loader, and token shards against a model config (what training
 checks). Each stops with a ConfigError naming both sides and both sizes; nothing is written."""

@@ -1,4 +1,4 @@
-"""`make deploy` for real (issue 11 §6): infra/deploy.py starts a Prefect server on loopback,
+"""`make deploy` for real: infra/deploy.py starts a Prefect server on loopback,
 creates the process work pool, registers prefect.yaml's deployments (typed parameter forms) and
 starts a process worker; a deployment run triggered through the Prefect API (`run_deployment`)
 completes on that worker; `deploy.py down` stops what `up` started. The run is the data flow on a

@@ -1,4 +1,4 @@
-"""`make screenshots` for real (issue 11 §9): infra/screenshots.py starts `mlflow server` and
+"""`make screenshots` for real: infra/screenshots.py starts `mlflow server` and
 `prefect server` on loopback, finds the newest lifecycle run in a real MLflow store and the newest
 lifecycle flow run in a real Prefect database, and saves PNGs from headless Chromium only once the
 pages show that data (the script fails otherwise); the servers and the browser are stopped."""
