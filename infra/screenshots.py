@@ -129,10 +129,12 @@ def stage_runs(client, run_id: str | None) -> tuple[object, list]:
     if run_id:
         root = client.get_run(run_id)
     else:
-        found = client.search_runs(exps, "tags.stage = 'lifecycle'", order_by=["attributes.start_time DESC"], max_results=1)
-        tops = [] if found else [r for r in client.search_runs(exps, order_by=["attributes.start_time DESC"], max_results=200)
-                                 if "mlflow.parentRunId" not in r.data.tags]
-        root = found[0] if found else next((r for r in tops if client.search_runs(
+        # the newest lifecycle run that ran stages (a fully cached rerun has none under it), else the newest
+        # top-level run with children
+        found = client.search_runs(exps, "tags.stage = 'lifecycle'", order_by=["attributes.start_time DESC"], max_results=50)
+        tops = found or [r for r in client.search_runs(exps, order_by=["attributes.start_time DESC"], max_results=200)
+                         if "mlflow.parentRunId" not in r.data.tags]
+        root = next((r for r in tops if client.search_runs(
             [r.info.experiment_id], f"tags.mlflow.parentRunId = '{r.info.run_id}'", max_results=1)), None)
     if root is None:
         raise RuntimeError("no MLflow run with stage runs under it: run `make lifecycle` first")
@@ -143,6 +145,8 @@ def stage_runs(client, run_id: str | None) -> tuple[object, list]:
         todo += kids
         if not kids and r is not root:
             leaves.append(r)
+    if not leaves:
+        raise RuntimeError(f"MLflow run {root.info.run_id} has no stage runs under it (a fully cached lifecycle run?)")
     return root, sorted(leaves, key=lambda r: r.info.start_time)[:10]
 
 
