@@ -51,9 +51,13 @@ def dvc_repro(repo: str, stages: tuple[str, ...] = DATA_STAGES) -> str:
 
 @task
 def validation(repo: str) -> dict:
-    """The GX result the DVC stage `validate` wrote (a failed or stale one raises, naming Data Docs)."""
+    """The shards' checksums (a corrupted shard raises ShardError naming it: DVC trusts its read-only cache
+    objects unhashed) and the GX result the DVC stage `validate` wrote (a failed or stale one raises,
+    naming Data Docs)."""
+    from dsv3.data.shards import verify_shards
     from dsv3.data.validate import read_validation
 
+    verify_shards(Path(repo) / "data" / "shards", verify="once")
     res = read_validation(Path(repo) / "data")
     print(res.get("report", ""))
     return {"success": res["success"], "docs": res.get("docs"), "suites": res.get("suites")}

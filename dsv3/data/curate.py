@@ -61,6 +61,19 @@ class AccountingError(RuntimeError):
     pass
 
 
+RUN_FIGURES = ("seconds", "docs_per_s", "peak_rss_mb", "driver_peak_rss_mb", "worker_peak_rss_mb")
+
+
+def write_stats(path: Path, stats: dict) -> None:
+    """A stage's stats as its DVC metric, without the figures of this particular run (RUN_FIGURES:
+    wall time, RSS), which differ from run to run: a stage rebuilt from the same inputs writes the
+    same file, so `dvc.lock` is reproduced exactly. The stage functions still return them."""
+    def steady(d):
+        return {k: steady(v) if isinstance(v, dict) else v for k, v in d.items() if k not in RUN_FIGURES}
+
+    path.write_text(json.dumps(steady(stats), indent=1))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (MiB): VmHWM of its own address space on Linux (getrusage's
     ru_maxrss would also carry the parent's peak across fork + exec), else ru_maxrss."""
@@ -240,7 +253,7 @@ def curate(cfg: DataConfig, out: str | Path, mapper: Callable | None = None) -> 
              "removed": n_removed, "quarantined": ingest["rejected"], "input_bytes": ingest["bytes"],
              "kept_bytes": kept_bytes, "seconds": round(secs, 3),
              "docs_per_s": round(ingest["input"] / max(secs, 1e-9), 1), "stages": stages, "stream": stream}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_stats(out / "stats.json", stats)
     return stats
 
 
@@ -319,7 +332,7 @@ def tokenizer_stage(cfg: DataConfig, out: str | Path) -> dict:
     t0 = time.time()
     st = train_tokenizer((d["text"] for d in iter_split(out, "train")), out / "tokenizer", cfg.tokenizer)
     stats = {**st, "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
-    (out / "tokenizer_stats.json").write_text(json.dumps(stats, indent=1))
+    write_stats(out / "tokenizer_stats.json", stats)
     return stats
 
 
@@ -392,7 +405,7 @@ def finish_shards(out: Path, bos: int, eos: int, stats: dict) -> dict:
     idx = json.loads((sd / "index.json").read_text())
     idx.update(bos_id=bos, eos_id=eos)
     (sd / "index.json").write_text(json.dumps(idx))
-    (out / "shards_stats.json").write_text(json.dumps(stats, indent=1))
+    write_stats(out / "shards_stats.json", stats)
     return stats
 
 

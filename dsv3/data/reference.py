@@ -20,7 +20,7 @@ import numpy as np
 from dsv3.data import decontam, dedup
 from dsv3.data.config import DataConfig
 from dsv3.data.curate import (PER_DOC_STAGES, _removed, finish_shards, process_batch, read_split, shard_tokenizer,
-                              split_of, split_stats)
+                              split_of, split_stats, write_stats)
 from dsv3.data.sources import iter_sources
 
 
@@ -99,7 +99,7 @@ def curate_in_memory(cfg: DataConfig, out: str | Path) -> dict:
     stats = {"input": n_input, "buckets": dict(sorted(buckets.items())), "kept": len(kept), "removed": len(removed),
              "quarantined": len(quarantine), "input_bytes": in_bytes, "kept_bytes": sum(d["n_bytes"] for d in kept),
              "stages": stages}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_stats(out / "stats.json", stats)
     return stats
 
 

@@ -162,7 +162,7 @@ def run_stage(cfg: DataConfig, out: str | Path, gx_root: str | Path | None = Non
     out = Path(out)
     rep = validate(out, cfg, gx_root=gx_root)
     shards = out / "shards"
-    res = {"success": rep.success, "suites": rep.results, "docs": rep.docs_path,
+    res = {"success": rep.success, "suites": rep.results, "docs": _portable(rep.docs_path),
            "data_digest": data_digest(shards) if shards.is_dir() else None,
            "failed": sum(s["failed"] for s in rep.results.values()), "report": rep.text}
     tmp = out / (RESULT + ".tmp")
@@ -170,6 +170,19 @@ def run_stage(cfg: DataConfig, out: str | Path, gx_root: str | Path | None = Non
     tmp.replace(out / RESULT)
     print(rep.text)
     return rep
+
+
+def _portable(docs: str | None) -> str | None:
+    """The Data Docs URL as a path relative to the working directory (the repo root, where `dvc repro`
+    runs) when it lies under it: validation.json is a DVC metric, so it must not change with the
+    checkout's location."""
+    if not docs or not docs.startswith("file://"):
+        return docs
+    path = Path(docs.removeprefix("file://"))
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return docs
 
 
 def read_validation(data_dir: str | Path = "data", check: bool = True) -> dict:
@@ -186,6 +199,8 @@ def read_validation(data_dir: str | Path = "data", check: bool = True) -> dict:
             raise ValidationFailed(f"no validation result at {p}: run `dvc repro validate` (or `make data`)")
         return {}
     res = json.loads(p.read_text())
+    if res.get("docs") and "://" not in res["docs"]:  # relative to the repo (the data dir's parent)
+        res["docs"] = (d.parent / res["docs"]).resolve().as_uri()
     if not check:
         return res
     if not res.get("success"):
