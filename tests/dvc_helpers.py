@@ -20,3 +20,13 @@ def sh(repo: Path, *cmd: str) -> str:
 
 def dvc(repo: Path, *args: str) -> str:
     return sh(repo, sys.executable, "-m", "dvc", *args)
+
+
+def init_repo(repo: Path) -> Path:
+    """`git init` + `dvc init` (analytics off) and a first commit of what `repo` holds."""
+    sh(repo, "git", "init", "-q")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "init")
+    return repo

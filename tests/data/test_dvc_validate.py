@@ -17,7 +17,7 @@ import yaml
 from dsv3.data.validate import RESULT, ValidationFailed, read_validation
 from dsv3.data.version import DATA_STAGES, data_digest
 
-from ..dvc_helpers import ENV, ROOT, dvc, sh
+from ..dvc_helpers import ENV, ROOT, dvc, init_repo
 from .conftest import make_corpus
 
 
@@ -45,11 +45,7 @@ def repo(tmp_path_factory) -> Path:
     d["tokenizer"].update(vocab_size=320, min_frequency=1)
     (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (r / ".gitignore").write_text("/gx/\n")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
     (r / "first_repro.log").write_text(dvc(r, "repro"))
     return r
 

@@ -27,7 +27,7 @@ from dsv3.data.shards import ShardError, TokenShards
 from dsv3.data import version
 from dsv3.data.version import data_digest
 from tests.data.conftest import make_corpus
-from tests.dvc_helpers import ROOT, dvc, sh
+from tests.dvc_helpers import ROOT, dvc, init_repo, sh
 
 DATA_STAGES = ("curate", "tokenizer", "shards")  # the stages with data outs (what _ran counts)
 
@@ -52,11 +52,7 @@ def base(tmp_path_factory) -> Path:
     d["tokenizer"].update(vocab_size=320, min_frequency=1)
     (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (r / ".gitignore").write_text("/gx/\nmlruns.db\nmlartifacts/\n")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
     out = dvc(r, "repro")
     assert all(f"Running stage '{s}'" in out for s in DATA_STAGES), out
     sh(r, "git", "add", "-A")

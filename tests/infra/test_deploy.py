@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ..data.conftest import make_corpus
-from ..dvc_helpers import ENV, ROOT, dvc, sh
+from ..dvc_helpers import ENV, ROOT, init_repo
 
 DEPLOY = ROOT / "infra" / "deploy.py"
 
@@ -50,11 +50,7 @@ def _repo(tmp: Path) -> Path:
     d["tokenizer"].update(vocab_size=320, min_frequency=1)
     (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (r / ".gitignore").write_text("/gx/\n/.prefect/\n")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
     return r
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..dvc_helpers import ROOT, dvc, sh
+from ..dvc_helpers import ROOT, init_repo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -32,11 +32,7 @@ def make_repo(r: Path) -> Path:
     for f in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / f, r / f)
     (r / ".gitignore").write_text("/data/\n/runs/\n/checkpoints/\n/gx/\nmlruns.db\nmlartifacts/\n")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
     return r
 
 

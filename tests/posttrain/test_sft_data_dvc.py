@@ -12,7 +12,7 @@ import yaml
 
 from dsv3.posttrain.config import DataGenConfig
 
-from ..dvc_helpers import ROOT, dvc, sh
+from ..dvc_helpers import ROOT, dvc, init_repo
 
 
 def test_params_yaml_posttrain_data_mirrors_datagenconfig():
@@ -30,11 +30,7 @@ def test_dvc_sft_data_stage(tmp_path):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["posttrain"]["data"].update(n_arithmetic=200, n_algebra=50, n_code=20)
     (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
 
     out = dvc(r, "repro", "sft_data")
     assert "Running stage 'sft_data'" in out and "Running stage 'curate'" not in out, out
@@ -71,11 +67,7 @@ def _repo(tmp_path):
     shutil.copytree(ROOT / "dsv3", r / "dsv3", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", r / "dvc.yaml")
     shutil.copy(ROOT / "params.yaml", r / "params.yaml")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    init_repo(r)
     return r
 
 
