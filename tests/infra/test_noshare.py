@@ -286,7 +286,8 @@ def test_lifecycle_on_the_whole_stack(stack, tmp_path):
     for m, v in mv.items():
         assert all(v.tags.get(k) for k in ("git_commit", "config_digest", "dvc_data_digest", "prefect_flow_run_id",
                                            "mlflow_run_id")), (m, v.tags)
-        ev = client.search_runs([exp], f"tags.model_name = 'dsv3-{m}' and tags.model_version = '{v.version}'")
+        ev = client.search_runs([exp], f"tags.stage = 'eval' and tags.model_name = 'dsv3-{m}' "
+                                       f"and tags.model_version = '{v.version}'")  # not the serve run
         assert len(ev) == 1 and {"eval/bpb", "eval/arith/acc"} <= set(ev[0].data.metrics), (m, ev)
     assert {a.path for a in client.list_artifacts(life[0].info.run_id, "report")} == {"report/report.md",
                                                                                     "report/report.png"}
