@@ -297,7 +297,7 @@ def test_lifecycle_on_the_whole_stack(stack, tmp_path):
     arts = {a["key"]: a["data"] for a in runs.pop("artifacts") if a.get("key")}
     assert arts["pretrain-progress"] == 100 and arts["grpo-progress"] == 100, arts  # through Ray's queue too
     assert {n: len(v) for n, v in runs.items()} == {"lifecycle": 1, "data": 1, "pretrain": 1, "extend": 1,
-                                                      "posttrain": 1, "evaluate": 3}, runs.keys()
+                                                      "posttrain": 1, "evaluate": 3, "serve": 1}, runs.keys()
     assert {fr["state_type"] for v in runs.values() for fr in v} == {"COMPLETED"}
     assert mv["base"].tags["prefect_flow_run_id"] in {runs[f][0]["id"] for f in ("lifecycle", "pretrain")}
 
@@ -334,5 +334,7 @@ def test_lifecycle_on_the_whole_stack(stack, tmp_path):
     assert not [p for p in new if p.endswith(MODEL_FILES) or "final" in Path(p).parts
                 or ("checkpoints" in Path(p).parts and not p.startswith("gx/"))], new  # gx/checkpoints: GX's own
     assert {p.split("/")[0] for p in new} <= {"data", "runs", "dvc.lock", "params.yaml", ".dvc", "gx"}, new
-    assert all(p.startswith("runs/lifecycle-tiny/reports") for p in new if p.startswith("runs/")), new
+    # under runs/: the report card, and the serve step's server log (that server runs beside the driver)
+    assert all(p.startswith("runs/lifecycle-tiny/reports") or (p.startswith("runs/serve/") and p.endswith(".log"))
+               for p in new if p.startswith("runs/")), new
     assert not (drv / "checkpoints").exists()
