@@ -194,8 +194,11 @@ def simulate(kind: str, pp: int, num_chunks: int, cost: dict | None = None, forw
                 pos[r] += 1
                 progress = True
     _check_coverage(kind, num_chunks, ops, pos, cnt, wq, n, forward_only)
-    channels_ok = all(sent[k] == recvd[k] for k in set(sent) | set(recvd))
-    makespan = max(clock)
-    busy = [sum(t1 - t0 for _, _, t0, t1 in tl) for tl in timeline]
-    return {"timeline": timeline, "makespan": makespan, "busy": busy, "channels_ok": channels_ok,
-            "channels": {k: (sent[k], recvd[k]) for k in set(sent) | set(recvd)}}
+    return _summary(timeline, clock, sent, recvd)
+
+
+def _summary(timeline, clock, sent, recvd) -> dict:
+    """simulate's result: the timeline, makespan, busy time per rank and the per-channel message orders."""
+    channels = {k: (sent[k], recvd[k]) for k in set(sent) | set(recvd)}
+    return {"timeline": timeline, "makespan": max(clock), "busy": [sum(t1 - t0 for _, _, t0, t1 in tl) for tl in timeline],
+            "channels_ok": all(a == b for a, b in channels.values()), "channels": channels}
