@@ -10,37 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsv3.data.version import DATA_STAGES, data_digest, dir_md5, lock_outs
+from dsv3.data.version import data_digest, dir_md5, lock_outs
 
-from ..dvc_helpers import ROOT, dvc, sh
-from .conftest import make_corpus
+from ..dvc_helpers import dvc, tiny_data_repo
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    r = tmp_path_factory.mktemp("repo")
-    shutil.copytree(ROOT / "dsv3", r / "dsv3", ignore=shutil.ignore_patterns("__pycache__"))
     # the data stages only (sft_data, the post-training SFT data, has its own test in tests/posttrain)
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    spec["stages"] = {k: v for k, v in spec["stages"].items() if k in DATA_STAGES}
-    assert list(spec["stages"]) == list(DATA_STAGES)
-    (r / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    make_corpus(r / "corpus")
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    d = p["data"]
-    d.update(sources=["corpus"], seq_len=64)
-    d["source"]["max_doc_bytes"] = 8000
-    d["decontam"]["paths"] = []
-    d["split"]["val_fraction"] = 0.2
-    d["tokenizer"].update(vocab_size=320, min_frequency=1)
-    (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (r / ".gitignore").write_text("/gx/\nmlruns.db\nmlartifacts/\n")
-    sh(r, "git", "init", "-q")
-    dvc(r, "init", "-q")
-    dvc(r, "config", "core.analytics", "false")
-    dvc(r, "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))
-    sh(r, "git", "add", "-A")
-    sh(r, "git", "commit", "-qm", "init")
+    r = tiny_data_repo(tmp_path_factory.mktemp("repo"), "/gx/\nmlruns.db\nmlartifacts/\n",
+                       remote=tmp_path_factory.mktemp("remote"))
     out = dvc(r, "repro")
     assert all(f"Running stage '{s}'" in out for s in ("curate", "tokenizer", "shards")), out
     return r

@@ -17,8 +17,7 @@ import yaml
 from dsv3.data.validate import RESULT, ValidationFailed, read_validation
 from dsv3.data.version import DATA_STAGES, data_digest
 
-from ..dvc_helpers import ENV, ROOT, dvc, init_repo
-from .conftest import make_corpus
+from ..dvc_helpers import ENV, ROOT, dvc, tiny_data_repo
 
 
 def _params(repo: Path, **pii) -> None:
@@ -29,23 +28,9 @@ def _params(repo: Path, **pii) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    r = tmp_path_factory.mktemp("repo")
-    shutil.copytree(ROOT / "dsv3", r / "dsv3", ignore=shutil.ignore_patterns("__pycache__"))
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert "validate" in DATA_STAGES and spec["stages"]["validate"]["deps"][:2] == ["data/curated", "data/shards"]
-    spec["stages"] = {k: v for k, v in spec["stages"].items() if k in DATA_STAGES}
-    (r / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    make_corpus(r / "corpus")
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    d = p["data"]
-    d.update(sources=["corpus"], seq_len=64)
-    d["source"]["max_doc_bytes"] = 8000
-    d["decontam"]["paths"] = []
-    d["split"]["val_fraction"] = 0.2
-    d["tokenizer"].update(vocab_size=320, min_frequency=1)
-    (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (r / ".gitignore").write_text("/gx/\n")
-    init_repo(r)
+    r = tiny_data_repo(tmp_path_factory.mktemp("repo"), "/gx/\n")
     (r / "first_repro.log").write_text(dvc(r, "repro"))
     return r
 

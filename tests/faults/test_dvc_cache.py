@@ -24,10 +24,8 @@ import yaml
 
 from dsv3.data.integrity import verify_outs
 from dsv3.data.shards import ShardError, TokenShards
-from dsv3.data import version
 from dsv3.data.version import data_digest
-from tests.data.conftest import make_corpus
-from tests.dvc_helpers import ROOT, dvc, init_repo, sh
+from tests.dvc_helpers import ROOT, dvc, sh, tiny_data_repo
 
 DATA_STAGES = ("curate", "tokenizer", "shards")  # the stages with data outs (what _ran counts)
 
@@ -37,22 +35,7 @@ def base(tmp_path_factory) -> Path:
     """The data stages reproduced once; each test works on its own copy."""
     r = tmp_path_factory.mktemp("dvcbase") / "repo"
     r.mkdir()
-    shutil.copytree(ROOT / "dsv3", r / "dsv3", ignore=shutil.ignore_patterns("__pycache__"))
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    # the data flow's stages: curate, tokenizer, shards and the GX `validate` stage (not sft_data)
-    spec["stages"] = {k: v for k, v in spec["stages"].items() if k in version.DATA_STAGES}
-    (r / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    make_corpus(r / "corpus")
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    d = p["data"]
-    d.update(sources=["corpus"], seq_len=64)
-    d["source"]["max_doc_bytes"] = 8000
-    d["decontam"]["paths"] = []
-    d["split"]["val_fraction"] = 0.2
-    d["tokenizer"].update(vocab_size=320, min_frequency=1)
-    (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (r / ".gitignore").write_text("/gx/\nmlruns.db\nmlartifacts/\n")
-    init_repo(r)
+    tiny_data_repo(r, "/gx/\nmlruns.db\nmlartifacts/\n")
     out = dvc(r, "repro")
     assert all(f"Running stage '{s}'" in out for s in DATA_STAGES), out
     sh(r, "git", "add", "-A")

@@ -7,7 +7,6 @@ tiny corpus in a temporary repo copy (real DVC, GX, MLflow)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..data.conftest import make_corpus
-from ..dvc_helpers import ENV, ROOT, init_repo
+from ..dvc_helpers import ENV, ROOT, tiny_data_repo
 
 DEPLOY = ROOT / "infra" / "deploy.py"
 
@@ -35,23 +33,9 @@ def test_prefect_yaml_declares_every_flow_with_a_process_pool():
 
 
 def _repo(tmp: Path) -> Path:
-    r = tmp / "repo"
-    for d in ("dsv3", "flows"):
-        shutil.copytree(ROOT / d, r / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", "prefect.yaml"):
-        shutil.copy(ROOT / f, r / f)
-    make_corpus(r / "corpus")
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    d = p["data"]
-    d.update(sources=["corpus"], seq_len=64)
-    d["source"]["max_doc_bytes"] = 8000
-    d["decontam"]["paths"] = []
-    d["split"]["val_fraction"] = 0.2
-    d["tokenizer"].update(vocab_size=320, min_frequency=1)
-    (r / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (r / ".gitignore").write_text("/gx/\n/.prefect/\n")
-    init_repo(r)
-    return r
+    (tmp / "repo").mkdir()
+    return tiny_data_repo(tmp / "repo", "/gx/\n/.prefect/\n", dirs=("dsv3", "flows"), data_only=False,
+                          files=("prefect.yaml",))
 
 
 def _alive(pidfile: Path) -> bool:
