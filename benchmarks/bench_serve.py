@@ -15,7 +15,9 @@ OpenAI-compatible server under load, all ratios measured in one run on the same 
   same engine and step (compiled when --compile).
 - server: the OpenAI server on loopback under a bounded load generator (the official `openai`
   client, concurrency 1 / 8 / 32, fixed prompts and seeds): throughput, TTFT and TPOT p50/p99,
-  against transformers `generate` over the same prompts in static batches of the same size.
+  against transformers `generate` over the same prompts in static batches of the same size. The
+  server decodes with the compiled static step (`dsv3 serve --compile`; `--no-compile`: eager),
+  warmed up by one pass of the whole load.
 - mixed: short requests decoding while long prompts arrive: decode TPOT p50/p99 with prefill
   disaggregated (a prefill worker process) vs colocated.
 
@@ -180,7 +182,10 @@ def part_decode(a) -> None:
 def phrase_docs(n_docs: int, vocab: int, seed: int, n_phrases: int = 64):
     """Documents made of 64 fixed random 'phrases' (6-19 tokens) in random order: inside a phrase
     the next two tokens are determined, at a boundary the next phrase is a 1-in-64 guess (~8% of
-    positions), so a trained MTP module can reach the paper's 85-90% second-token acceptance."""
+    positions), so a trained MTP module can reach the paper's 85-90% second-token acceptance.
+    Documents are ~3,000 tokens long so that end-of-document (1 in ~250 boundaries) is less likely
+    than any one phrase (1 in 64): greedy decoding then continues with phrases, as training saw,
+    instead of emitting EOS at every boundary and drifting into text the model never saw."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -188,7 +193,7 @@ def phrase_docs(n_docs: int, vocab: int, seed: int, n_phrases: int = 64):
     rng = np.random.default_rng(seed)
     for _ in range(n_docs):
         parts, n = [], 0
-        while n < 400:
+        while n < 3000:
             p = phrases[int(rng.integers(n_phrases))]
             parts.append(p)
             n += len(p)
@@ -203,8 +208,8 @@ def train_spec_model(a, out: Path) -> str:
     from dsv3.train.loop import train
 
     vocab = BENCH["vocab_size"]
-    write_split(out / "shards", "train", list(phrase_docs(400, vocab, 1)), vocab)
-    write_split(out / "shards", "val", list(phrase_docs(20, vocab, 2)), vocab)
+    write_split(out / "shards", "train", list(phrase_docs(120, vocab, 1)), vocab)
+    write_split(out / "shards", "val", list(phrase_docs(4, vocab, 2)), vocab)
     cfg = RunConfig.from_dict({
         "preset": "tiny", "model": {**PRESETS["tiny"], **BENCH, "num_nextn_predict_layers": 1},
         "train": {"shards": str(out / "shards"), "tokenizer": str(out / "none"), "out_dir": str(out / "run"),
@@ -410,16 +415,18 @@ def part_server(a) -> None:
     g = torch.Generator().manual_seed(0)
     mt = a.server_tokens
     print(f"\n== server on loopback, official openai client, greedy, {mt} tokens per request, prompts of "
-          f"64-256 tokens (ms; ratios vs transformers generate in static batches of the same size)")
+          f"64-256 tokens, {'compiled' if a.compile else 'eager'} decode step (ms; ratios vs transformers generate "
+          f"in static batches of the same size)")
     print(f"  {'conc':>4} {'who':<14} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8}")
     for conc in a.concurrency:
         n_req = max(2 * conc, 8)
         prompts = [torch.randint(2, BENCH["vocab_size"], (int(torch.randint(64, 257, (1,), generator=g)),),
                                  generator=g).tolist() for _ in range(n_req)]
         cfg = ServeConfig(model=path, port=0, max_batch=max(conc, 1), max_queue=4 * n_req, block_size=64,
-                          cache_tokens=conc * (256 + mt + 64) + 1024, threads=a.threads)
+                          cache_tokens=conc * (256 + mt + 64) + 1024, threads=a.threads, compile=a.compile)
         with Server(cfg) as srv:
-            load_test(srv.url, srv.name, prompts[:conc], conc, 4)  # warm-up
+            # warm-up: the whole load once (a compiled step compiles once per padded batch size)
+            load_test(srv.url, srv.name, prompts, conc, mt if a.compile else 4)
             ours = load_test(srv.url, srv.name, prompts, conc, mt)
         hf = hf_static(path, prompts, conc, mt)
         for who, r in (("dsv3 server", ours), ("HF static", hf)):

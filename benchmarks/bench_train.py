@@ -48,6 +48,8 @@ def cfg_for(preset: str, shards: str, out: Path, **train) -> RunConfig:
     t = dict(shards=shards, out_dir=str(out), seq_len=256, batch_size=4, steps=3, eval_every=10 ** 6,
              ckpt_every=10 ** 6, plots=False, register_model=False, log_checkpoints=False, ema=False,
              warmup_frac=0.1, lr=1e-3, threads=torch.get_num_threads())
+    if Path(shards).resolve() != Path("data/shards").resolve():  # synthetic ids: no tokenizer goes with them
+        t["tokenizer"] = str(Path(shards) / "no-tokenizer")
     t.update(train)
     return RunConfig.from_dict({"name": "bench", "preset": preset, "train": t})
 
