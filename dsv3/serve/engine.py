@@ -166,6 +166,26 @@ class Engine:
             if out.finish_reason is not None:
                 return merged
 
+    def warm_up(self) -> float:
+        """Compile the batch-1 decode step (and speculation's steps) before traffic arrives: one
+        short greedy request, run in this thread before `start()`. What it leaves behind is undone:
+        its metrics, speculation counters and expert loads are not the server's. Other batch sizes
+        compile on first use. Returns the seconds it took."""
+        assert self._thread is None, "warm_up runs before start()"
+        t = time.perf_counter()
+        metrics, load = self.metrics, self.runner.expert_load.clone()
+        self.metrics = ServeMetrics()
+        try:
+            self.generate([0, 1], SamplingParams(max_tokens=2 + 2 * self.K, temperature=0, ignore_eos=True))
+        finally:
+            self.metrics = metrics
+            self.runner.expert_load.copy_(load)
+            if self.spec is not None:
+                from dsv3.serve.spec import SpecDecoder
+
+                self.spec = SpecDecoder(self, self.K)
+        return time.perf_counter() - t
+
     # ---- the loop (engine thread) -------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
@@ -204,6 +224,8 @@ class Engine:
         self._admit()
         if self.prefiller is not None:
             self._collect_prefills(block=not self.running and bool(self.prefilling))
+        # a request done at its first token (EOS, stop, max_tokens=1) is over: no decode row for it
+        self.running = [r for r in self.running if not r.finished]
         if self.running:
             if self.spec is not None:
                 self.spec.step(self.running)

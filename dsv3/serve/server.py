@@ -296,7 +296,15 @@ class Server:
         ver = f" version {i['version']}" if i.get("version") else ""
         run = f" (run {i['run_id']})" if i.get("run_id") else ""
         return (f"serving {i.get('uri')} as `{self.name}`: {i.get('name', '')}{ver}{run} from {i.get('local_dir', '')}; "
-                f"{self.cfg.dtype}, pd={self.cfg.pd}, speculative={self.engine.K}, compile={self.cfg.compile}")
+                f"{self.cfg.dtype}, pd={self.cfg.pd}, speculative={self.engine.K}, compile={self.cfg.compile}"
+                + (f" (warmed up in {i['warm_up_s']} s)" if "warm_up_s" in i else ""))
+
+    def _warm_up(self) -> None:
+        """With --compile, the first request would wait for the compiler: compile before listening."""
+        if self.cfg.compile:
+            secs = self.engine.warm_up()
+            log.info("compiled the batch-1 decode step in %.1f s (other batch sizes compile on first use)", secs)
+            self.info["warm_up_s"] = round(secs, 1)
 
     def _socket(self):
         import socket
@@ -313,6 +321,7 @@ class Server:
         import uvicorn
 
         sock = self._socket()
+        self._warm_up()
         self.engine.start()
         self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -336,6 +345,7 @@ class Server:
         import uvicorn
 
         sock = self._socket()
+        self._warm_up()
         self.engine.start()
         print(f"dsv3 serve: {self.describe()}; listening on {self.url}", flush=True)
         try:

@@ -2,7 +2,9 @@
 context length is a dynamic dimension; the compiled engine's greedy output equals the model's
 generate across context lengths and a padded batch. Run with MTP speculation, which compiles
 the main step (verification of 3 tokens) and the MTP step (catch-up and draft shapes); the
-plain decode step is the same function at S=1. (Compiling takes minutes on 2 cores: one test.)"""
+plain decode step is the same function at S=1. The server's warm-up (before it listens) compiles
+the batch-1 graphs without leaving metrics or loads behind. (Compiling takes minutes on 2 cores: one
+test.)"""
 
 import pytest
 import torch
@@ -22,6 +24,17 @@ def test_compiled_engine_equals_generate(trained_dir):
     model, tok, _, _ = load_served_model(str(trained_dir))
     ref = DeepSeekV3.from_pretrained(trained_dir).eval()
     eng = Engine(model, tok, ServeConfig(block_size=8, cache_tokens=4096, compile=True, speculative=2))
+    # the server's warm-up compiles the batch-1 graphs and leaves no trace in what the server reports
+    from torch._dynamo.utils import counters
+
+    eng.warm_up()
+    assert eng.spec.stats() == {} and eng.runner.expert_load.sum() == 0 and eng.pool.used_blocks == 0
+    assert b"dsv3_prompt_tokens_total 0.0" in eng.metrics.render()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the warm-up compiled
+    first = eng.generate([5, 6, 7, 8, 9], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
+    assert counters["stats"]["unique_graphs"] == graphs  # a batch-1 request after warm-up compiles nothing
+    assert first.token_ids == ref.generate(torch.tensor([[5, 6, 7, 8, 9]]), 9)[0, 5:].tolist()
     prompts = [[100, 102, 104], list(range(110, 140)), [7, 300, 21]]
     outs = {}
     for i, p in enumerate(prompts):  # 3 rows -> padded to a batch of 4

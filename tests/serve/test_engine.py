@@ -155,3 +155,30 @@ def test_prefill_budget_interleaves_admissions_with_decode_steps(loaded):
         eng.step()
         counts.append((len(eng.running), len(first.generated) - n0))
     assert counts == [(2, 1), (3, 1), (4, 1)]  # one 12-token prompt per step (budget 20), and a decode step each
+
+
+def test_request_finished_at_its_first_token_never_decodes_into_freed_blocks(loaded):
+    """A request done at its first token (max_tokens=1) frees its blocks during admission; the
+    next request admitted in the same iteration gets them. The decode step must not run the
+    finished request (it did: a token past its end went to its client, and a wasted batch row);
+    the request that took over its blocks decodes exactly as it does alone."""
+    model, tok, _, _ = loaded
+    short, long_ = [3, 1, 4, 1, 5], list(range(40, 60))
+
+    def run(jobs):
+        eng = Engine(model, tok, ServeConfig(max_batch=2, **CFG))
+        outs: dict[int, list] = {}
+        for i, (p, n) in enumerate(jobs):
+            eng.submit(Request(p, _greedy(n, logprobs=0), sink=lambda o, i=i: outs.setdefault(i, []).append(o)))
+        eng.step()  # all admitted in one iteration
+        while eng.waiting or eng.running:
+            eng.step()
+        assert eng.pool.used_blocks == 0
+        return outs
+
+    solo = run([(long_, 8)])[0]
+    pair = run([(short, 1), (long_, 8)])
+    assert [t for o in pair[0] for t in o.token_ids] == [pair[0][0].token_ids[0]]  # one token, no more
+    got, want = [lp.logprob for o in pair[1] for lp in o.logprobs], [lp.logprob for o in solo for lp in o.logprobs]
+    assert len(got) == len(want) == 8
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
