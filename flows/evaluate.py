@@ -60,7 +60,9 @@ def eval_data(cfg: EvalConfig) -> str:
     return path
 
 
-@task(task_run_name="benchmark-{bench}")
+# log_prints off: dill (datasets' hashing, under lm-eval) reads `dis` output through a captured stdout,
+# which the flow's print-to-log redirection would steal (bytecode in the logs, globals missed)
+@task(task_run_name="benchmark-{bench}", log_prints=False)
 def benchmark(ckpt: str, bench: str, cfg: EvalConfig, out: str) -> dict:
     m = runner.run_benchmark(ckpt, bench, cfg, out)
     get_run_logger().info("%s: %s", bench, {k: round(v, 4) for k, v in m.items() if k.count("/") == 2})
