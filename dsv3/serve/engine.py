@@ -224,8 +224,6 @@ class Engine:
         self._admit()
         if self.prefiller is not None:
             self._collect_prefills(block=not self.running and bool(self.prefilling))
-        # a request done at its first token (EOS, stop, max_tokens=1) is over: no decode row for it
-        self.running = [r for r in self.running if not r.finished]
         if self.running:
             if self.spec is not None:
                 self.spec.step(self.running)
@@ -305,8 +303,9 @@ class Engine:
             self._release(req, None)
             return
         tok = choose(res.last_logits, req.params, req.gen)
-        self.running.append(req)
         self._append(req, [tok], res.last_logits[None], prompt_lp=res.prompt_lp)
+        if not req.finished:  # done at its first token (EOS, stop, max_tokens=1): no decode row for it
+            self.running.append(req)
 
     # ---- decoding ---------------------------------------------------------------------------
     def _decode(self, rows: list[Request]) -> None:

@@ -187,9 +187,10 @@ class FusedStep:
             0, idx.flatten(), real.float().repeat_interleave(S * k)))  # padding rows count 0
         w = weights.to(x.dtype)
         I = p.w2.shape[-1]
-        if T * k < p.E or (self.gemv and T <= self.gemv_rows):  # gathered: each token streams its k experts
+        few = self.gemv and T <= self.gemv_rows  # compiled step of a few tokens: reductions stream each gather
+        if T * k < p.E or few:  # gathered: each token streams its k experts
             w13, w2 = p.w13[idx], p.w2[idx]  # [T,k,2I,D], [T,k,D,I]
-            if self.gemv and T <= self.gemv_rows:
+            if few:
                 h = _gathered_gemv(flat[:, None, :], w13)
                 y = _gathered_gemv(F.silu(h[..., :I]) * h[..., I:], w2)
             else:
